@@ -1,0 +1,3 @@
+"""flaxgpt: the GPT family from first principles in JAX/Flax linen."""
+
+__version__ = "0.1.0"

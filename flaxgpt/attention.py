@@ -1,0 +1,241 @@
+"""Book chapter 3, the attention mechanism, from weightless self-attention to multi-head attention.
+
+The teaching path (:func:`simple_self_attention`, :class:`SelfAttentionV1`, :class:`SelfAttentionV2`,
+:class:`CausalAttention`, :class:`MultiHeadAttentionWrapper`) follows the chapter section by section;
+:class:`MultiHeadAttention` is the production module used by :class:`flaxgpt.model.GPTModel`, with an
+optional KV cache for generation and a fused-kernel path (``jax.nn.dot_product_attention``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flaxgpt.initializers import dense
+
+# A finite "minus infinity" for the production path: a fully masked row (a padding query of a ragged
+# batch) then gives a uniform, finite softmax instead of NaNs that would leak through 0 * NaN.
+_MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+
+
+def simple_self_attention(x: jax.Array) -> jax.Array:
+    """Self-attention without trainable weights (section 3.3).
+
+    Args:
+      x: inputs of shape (T, d) or (B, T, d).
+
+    Returns:
+      Context vectors of the same shape: softmax(x x^T) x.
+    """
+    scores = x @ jnp.swapaxes(x, -1, -2)  # (..., T, T)
+    weights = jax.nn.softmax(scores, axis=-1)  # (..., T, T)
+    return weights @ x  # (..., T, d)
+
+
+def _scaled_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """softmax(q k^T / sqrt(d_k)) v, without a mask; returns (context, weights)."""
+    scores = q @ jnp.swapaxes(k, -1, -2)  # (..., T, T)
+    weights = jax.nn.softmax(scores / math.sqrt(k.shape[-1]), axis=-1)
+    return weights @ v, weights
+
+
+class SelfAttentionV1(nn.Module):
+    """Scaled dot-product attention with raw weight matrices Wq, Wk, Wv (section 3.4.1).
+
+    Weights start as U[0, 1), like the book's ``torch.rand``.
+    """
+
+    d_out: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d_in = x.shape[-1]
+        init = nn.initializers.uniform(1.0)
+        w_query = self.param("W_query", init, (d_in, self.d_out))
+        w_key = self.param("W_key", init, (d_in, self.d_out))
+        w_value = self.param("W_value", init, (d_in, self.d_out))
+        context, _ = _scaled_attention(x @ w_query, x @ w_key, x @ w_value)  # (..., T, d_out)
+        return context
+
+
+class SelfAttentionV2(nn.Module):
+    """As :class:`SelfAttentionV1` with ``Dense`` layers (no bias by default; section 3.4.2)."""
+
+    d_out: int
+    qkv_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d_in = x.shape[-1]
+        q, k, v = (
+            dense(self.d_out, d_in, use_bias=self.qkv_bias, name=name)(x)
+            for name in ("W_query", "W_key", "W_value")
+        )
+        context, _ = _scaled_attention(q, k, v)  # (..., T, d_out)
+        return context
+
+
+def causal_mask(t: int) -> jax.Array:
+    """Boolean (T, T) mask, True where a query may attend (on and below the diagonal)."""
+    return jnp.tril(jnp.ones((t, t), dtype=bool))
+
+
+class CausalAttention(nn.Module):
+    """One causal attention head with dropout on the attention weights (section 3.5).
+
+    Scores above the diagonal are set to -inf before the softmax, so each token only sees itself and
+    earlier tokens.
+    """
+
+    d_out: int
+    context_length: int
+    dropout: float = 0.0
+    qkv_bias: bool = False
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, deterministic: bool = True, return_weights: bool = False
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """Args:
+          x: (B, T, d_in) inputs, T <= context_length.
+          deterministic: disables dropout; otherwise a "dropout" PRNG key is needed.
+          return_weights: also return the (B, T, T) attention weights.
+
+        Returns:
+          (B, T, d_out) context vectors (and the weights).
+        """
+        b, t, d_in = x.shape
+        if t > self.context_length:
+            raise ValueError(f"sequence length {t} exceeds context_length {self.context_length}")
+        q, k, v = (
+            dense(self.d_out, d_in, use_bias=self.qkv_bias, name=name)(x)
+            for name in ("W_query", "W_key", "W_value")
+        )  # each (B, T, d_out)
+        scores = q @ jnp.swapaxes(k, -1, -2)  # (B, T, T)
+        scores = jnp.where(causal_mask(t), scores, -jnp.inf)
+        weights = jax.nn.softmax(scores / math.sqrt(self.d_out), axis=-1)  # (B, T, T)
+        weights = nn.Dropout(self.dropout)(weights, deterministic=deterministic)
+        context = weights @ v  # (B, T, d_out)
+        return (context, weights) if return_weights else context
+
+
+class MultiHeadAttentionWrapper(nn.Module):
+    """Multi-head attention as ``num_heads`` stacked :class:`CausalAttention` heads (section 3.6.1).
+
+    Output width is ``num_heads * d_out``; heads are named ``heads_0``, ``heads_1``, ...
+    """
+
+    d_out: int
+    context_length: int
+    dropout: float
+    num_heads: int
+    qkv_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        heads = [
+            CausalAttention(self.d_out, self.context_length, self.dropout, self.qkv_bias, name=f"heads_{i}")
+            for i in range(self.num_heads)
+        ]
+        return jnp.concatenate([h(x, deterministic) for h in heads], axis=-1)  # (B, T, H * d_out)
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal multi-head attention with split heads: one projection each for Q, K and V (section 3.6.2).
+
+    Without a cache it is the book's module. With a cache (generation), ``kv`` holds this layer's key and
+    value slots (B, S, H, D); the new keys/values are written at slot ``index`` and queries attend to
+    every written slot at or before their own, from slot ``offset[b]`` on (slots before it are the left
+    padding of a shorter prompt in a ragged batch).
+
+    Attributes:
+      d_out: output width (= model width); split into ``num_heads`` heads.
+      num_heads: number of heads.
+      context_length: the longest sequence without a cache.
+      dropout: dropout rate on the attention weights.
+      qkv_bias: bias on the Q/K/V projections.
+      init_scheme: "torch" or "gpt2" initialisation (not ``init``, which would shadow ``Module.init``).
+      n_layers: model depth, for GPT-2's scaled init of ``out_proj``.
+      impl: "xla" (einsum + softmax) or "dot_product" (``jax.nn.dot_product_attention``).
+      dtype: compute dtype.
+      param_dtype: parameter dtype.
+    """
+
+    d_out: int
+    num_heads: int
+    context_length: int
+    dropout: float = 0.0
+    qkv_bias: bool = False
+    init_scheme: str = "torch"
+    n_layers: int = 1
+    impl: str = "xla"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        deterministic: bool = True,
+        kv: tuple[jax.Array, jax.Array] | None = None,
+        index: jax.Array | None = None,
+        offset: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """Args:
+          x: (B, T, d_in) inputs.
+          deterministic: disables dropout; otherwise a "dropout" PRNG key is needed.
+          kv: this layer's cache (keys, values), each (B, S, H, D), or None.
+          index: () int32, the slot of x's first token in the cache.
+          offset: (B,) int32, each row's first valid slot.
+
+        Returns:
+          (B, T, d_out) outputs and the updated (keys, values) (None without a cache).
+        """
+        b, t, d_in = x.shape
+        h, d = self.num_heads, self.d_out // self.num_heads
+        common = dict(init=self.init_scheme, dtype=self.dtype, param_dtype=self.param_dtype)
+        q, k, v = (
+            dense(self.d_out, d_in, use_bias=self.qkv_bias, name=name, **common)(x).reshape(b, t, h, d)
+            for name in ("W_query", "W_key", "W_value")
+        )  # each (B, T, H, D)
+
+        if kv is None:
+            mask = causal_mask(t)[None, None]  # (1, 1, T, T)
+        else:
+            keys, values = kv
+            keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, index, 0, 0))  # (B, S, H, D)
+            values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (0, index, 0, 0))
+            kv = (keys, values)
+            k, v = keys.astype(q.dtype), values.astype(q.dtype)
+            q_slot = index + jnp.arange(t)  # (T,)
+            k_slot = jnp.arange(keys.shape[1])  # (S,)
+            mask = (k_slot[None, :] <= q_slot[:, None])[None] & (
+                k_slot[None, None, :] >= offset[:, None, None]
+            )  # (B, T, S)
+            mask = mask[:, None]  # (B, 1, T, S)
+
+        if self.impl == "dot_product":
+            if self.dropout > 0.0 and not deterministic:
+                raise ValueError(
+                    "attention='dot_product' has no dropout on attention weights; train with "
+                    "attention='xla' or drop_rate=0"
+                )
+            if kv is None:
+                context = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # (B, T, H, D)
+            else:
+                context = jax.nn.dot_product_attention(q, k, v, mask=mask)  # (B, T, H, D)
+        else:
+            scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)  # (B, H, T, S)
+            scores = jnp.where(mask, scores / math.sqrt(d), _MASK_VALUE)
+            weights = jax.nn.softmax(scores, axis=-1)  # (B, H, T, S) float32
+            weights = nn.Dropout(self.dropout)(weights, deterministic=deterministic)
+            context = jnp.einsum("bhts,bshd->bthd", weights.astype(v.dtype), v)  # (B, T, H, D)
+
+        out = dense(
+            self.d_out, self.d_out, use_bias=True, residual_layers=self.n_layers, name="out_proj", **common
+        )(context.reshape(b, t, self.d_out))  # (B, T, d_out)
+        return out, kv

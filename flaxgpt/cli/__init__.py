@@ -1,0 +1,75 @@
+"""Command-line front end: ``flaxgpt <command> ...``.
+
+Each subcommand lives in its own module exposing ``add_parser(subparsers)`` and ``run(args) -> int``.
+This module only assembles them and turns expected failures (bad input) into a one-line message and a
+non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Sequence
+
+# Subcommand modules, in the order ``--help`` lists them.
+_COMMANDS = ("info", "train", "generate", "convert")
+
+
+class CLIError(Exception):
+    """An error caused by the user's input; printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Returns the top-level parser with every available subcommand registered."""
+    from flaxgpt import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="flaxgpt",
+        description="GPT models from first principles in JAX/Flax: train, generate, convert weights.",
+    )
+    parser.add_argument("--version", action="version", version=f"flaxgpt {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMANDS:
+        try:
+            module = importlib.import_module(f"flaxgpt.cli.{name}")
+        except ModuleNotFoundError as e:  # a subcommand that is not built yet
+            if e.name == f"flaxgpt.cli.{name}":
+                continue
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``flaxgpt`` console script.
+
+    Args:
+      argv: arguments without the program name; ``sys.argv[1:]`` when None.
+
+    Returns:
+      The process exit status.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(message)s",
+    )
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except (CLIError, ValueError, FileNotFoundError, NotADirectoryError, UnicodeDecodeError) as e:
+        print(f"flaxgpt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"flaxgpt {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

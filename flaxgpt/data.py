@@ -1,0 +1,407 @@
+"""Chapter 2 data: sliding-window dataset, a resumable batch iterator, and text corpora.
+
+`GPTDataset` is the book's `GPTDatasetV1` over one int32 array; `DataLoader` yields numpy
+batches whose order is a pure function of (seed, epoch), so training can checkpoint
+(epoch, batch index) and resume exactly; `load_text` provides offline corpora.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flaxgpt.tokenizer import gpt2_tokenizer, text_to_token_ids
+
+__all__ = [
+    "VERDICT_URL",
+    "DATA_DIR_ENV",
+    "CACHE_DIR_ENV",
+    "GPTDataset",
+    "DataLoader",
+    "create_dataloader",
+    "train_val_split",
+    "cache_dir",
+    "download_file",
+    "load_text",
+]
+
+VERDICT_URL = (
+    "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/"
+    "01_main-chapter-code/the-verdict.txt"
+)
+VERDICT_FILE = "the-verdict.txt"
+DATA_DIR_ENV = "FLAXGPT_DATA_DIR"
+CACHE_DIR_ENV = "FLAXGPT_CACHE_DIR"
+_PYDOC_NAMES = ("pydoc", "python-docs")
+
+Batch = tuple[np.ndarray, np.ndarray]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_positive(name: str, value: Any) -> int:
+    if not _is_int(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _check_non_negative(name: str, value: Any) -> int:
+    if not _is_int(value) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return int(value)
+
+
+class GPTDataset:
+    """Input/target windows over a token sequence (the book's GPTDatasetV1).
+
+    Window i starts at `s = starts[i]` for `s in range(0, len(ids) - max_length, stride)`;
+    its inputs are `ids[s:s+max_length]` and its targets `ids[s+1:s+max_length+1]`.
+    The ids are stored once as a read-only int32 array; windows are views into it.
+
+    Args:
+      token_ids: 1-D sequence of non-negative token ids.
+      max_length: window length L.
+      stride: distance between window starts.
+    """
+
+    def __init__(self, token_ids: Any, max_length: int, stride: int) -> None:
+        self.max_length = _check_positive("max_length", max_length)
+        self.stride = _check_positive("stride", stride)
+        ids = np.asarray(token_ids)
+        if ids.ndim != 1:
+            raise ValueError(f"token_ids has shape {ids.shape}: expected a 1-D sequence")
+        if ids.size and not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"token_ids has dtype {ids.dtype}: expected integer token ids")
+        if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(np.int32).max):
+            raise ValueError(
+                f"token_ids range over [{ids.min()}, {ids.max()}]: expected ids in "
+                f"[0, {np.iinfo(np.int32).max}]"
+            )
+        if ids.size < self.max_length + 1:
+            raise ValueError(
+                f"the text has {ids.size} tokens; at least max_length + 1 = "
+                f"{self.max_length + 1} tokens are needed for one input/target window"
+            )
+        self.token_ids = np.array(ids, dtype=np.int32)  # (N,) own copy
+        self.token_ids.setflags(write=False)
+        self.starts = np.arange(0, ids.size - self.max_length, self.stride, dtype=np.int64)
+        self._offsets = np.arange(self.max_length, dtype=np.int64)  # (L,)
+
+    def __len__(self) -> int:
+        return int(self.starts.size)
+
+    def __getitem__(self, idx: int) -> Batch:
+        """Returns window `idx` as (inputs, targets), each int32 of shape (L,)."""
+        n = len(self)
+        if not -n <= idx < n:
+            raise IndexError(f"window index {idx} out of range for {n} windows")
+        s = int(self.starts[idx])
+        L = self.max_length
+        return self.token_ids[s : s + L], self.token_ids[s + 1 : s + L + 1]
+
+    def get_batch(self, indices: Sequence[int] | np.ndarray) -> Batch:
+        """Gathers several windows at once.
+
+        Args:
+          indices: window indices, shape (B,).
+
+        Returns:
+          (inputs, targets), each a new int32 array of shape (B, L).
+        """
+        starts = self.starts[np.asarray(indices, dtype=np.int64)]  # (B,)
+        pos = starts[:, None] + self._offsets[None, :]  # (B, L)
+        return self.token_ids[pos], self.token_ids[pos + 1]  # (B, L), (B, L)
+
+
+class DataLoader:
+    """Batches of a `GPTDataset`; one epoch per `iter()`, resumable at any batch.
+
+    The window order of epoch `e` is `np.random.default_rng([seed, e]).permutation(n)` when
+    shuffling (else `0..n-1`), so `batches(e, start)` reproduces any epoch from any batch.
+    `epoch` is the epoch the next `iter()` runs; `iter()` increments it immediately.
+
+    Args:
+      dataset: the windows.
+      batch_size: windows per batch B.
+      shuffle: shuffle windows, with a different permutation each epoch.
+      drop_last: drop the final batch when it has fewer than B windows.
+      seed: non-negative int seed of the shuffle.
+    """
+
+    def __init__(
+        self,
+        dataset: GPTDataset,
+        batch_size: int = 4,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self.batch_size = _check_positive("batch_size", batch_size)
+        seed = _check_non_negative("seed", seed)
+        if drop_last and len(dataset) < self.batch_size:
+            raise ValueError(
+                f"the dataset has {len(dataset)} windows, fewer than batch_size="
+                f"{self.batch_size}; with drop_last=True this would yield zero batches "
+                "(use a smaller batch_size, stride or max_length, more text, or drop_last=False)"
+            )
+        self.dataset = dataset
+        self.shuffle = bool(shuffle)
+        self.drop_last = bool(drop_last)
+        self.seed = seed
+        self._epoch = 0
+
+    @classmethod
+    def from_token_ids(
+        cls,
+        token_ids: Any,
+        batch_size: int = 4,
+        max_length: int = 256,
+        stride: int = 128,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        seed: int = 0,
+    ) -> DataLoader:
+        """Builds a loader over pre-tokenized ids (tokenize once, build many loaders).
+
+        Args:
+          token_ids: 1-D token ids.
+          batch_size, max_length, stride, shuffle, drop_last, seed: as in `create_dataloader`.
+
+        Returns:
+          The loader.
+        """
+        _check_positive("batch_size", batch_size)
+        return cls(GPTDataset(token_ids, max_length, stride), batch_size, shuffle, drop_last, seed)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch that the next `iter()` runs."""
+        return self._epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch = _check_non_negative("epoch", value)
+
+    def __len__(self) -> int:
+        n, b = len(self.dataset), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The window indices of `epoch` in visiting order, shape (n,)."""
+        n = len(self.dataset)
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, int(epoch)]).permutation(n)
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """Yields the batches of `epoch` from batch index `start` on; does not touch `epoch`.
+
+        Args:
+          epoch: non-negative epoch number.
+          start: index of the first batch to yield, 0 <= start <= len(self).
+
+        Returns:
+          An iterator of (inputs, targets), each int32 of shape (B, L) (the final batch may
+          be smaller when drop_last=False).
+        """
+        epoch = _check_non_negative("epoch", epoch)
+        n_batches = len(self)
+        if not _is_int(start):
+            raise ValueError(f"start must be an int, got {start!r}")
+        if not 0 <= start <= n_batches:
+            raise ValueError(f"start={start} out of range: expected 0 <= start <= {n_batches}")
+        return self._generate(self.order(epoch), int(start), n_batches)
+
+    def _generate(self, order: np.ndarray, start: int, n_batches: int) -> Iterator[Batch]:
+        b = self.batch_size
+        for i in range(start, n_batches):
+            yield self.dataset.get_batch(order[i * b : (i + 1) * b])  # (B, L), (B, L)
+
+    def __iter__(self) -> Iterator[Batch]:
+        epoch = self._epoch
+        self._epoch += 1
+        return self.batches(epoch)
+
+
+def create_dataloader(
+    text: str,
+    batch_size: int = 4,
+    max_length: int = 256,
+    stride: int = 128,
+    shuffle: bool = True,
+    drop_last: bool = True,
+    seed: int = 0,
+    tokenizer: Any = None,
+) -> DataLoader:
+    """Tokenizes `text` and returns a loader of (inputs, targets) batches (the book's
+    `create_dataloader_v1`, with errors instead of silently empty loaders).
+
+    Args:
+      text: the training text.
+      batch_size: windows per batch B.
+      max_length: window length L.
+      stride: distance between window starts.
+      shuffle: shuffle windows, with a different permutation each epoch.
+      drop_last: drop the final batch when it has fewer than B windows.
+      seed: non-negative int seed of the shuffle.
+      tokenizer: a tiktoken `Encoding` or a `Tokenizer`; default `gpt2_tokenizer()`.
+
+    Returns:
+      A re-iterable `DataLoader`; `len()` is the number of batches per epoch.
+    """
+    _check_positive("batch_size", batch_size)
+    _check_positive("max_length", max_length)
+    _check_positive("stride", stride)
+    if tokenizer is None:
+        tokenizer = gpt2_tokenizer()
+    ids = text_to_token_ids(text, tokenizer)[0]  # (N,)
+    return DataLoader.from_token_ids(ids, batch_size, max_length, stride, shuffle, drop_last, seed)
+
+
+def train_val_split(text: str, train_ratio: float = 0.9) -> tuple[str, str]:
+    """Splits a text by characters, as the book: `text[:i], text[i:]` with
+    `i = int(train_ratio * len(text))`.
+
+    Args:
+      text: the text.
+      train_ratio: fraction for training, strictly between 0 and 1.
+
+    Returns:
+      (train_text, val_text).
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a str, got {type(text).__name__}")
+    is_number = isinstance(train_ratio, (int, float)) and not isinstance(train_ratio, bool)
+    if not is_number or not 0 < train_ratio < 1:
+        raise ValueError(f"train_ratio must be a number in (0, 1), got {train_ratio!r}")
+    split_idx = int(train_ratio * len(text))
+    return text[:split_idx], text[split_idx:]
+
+
+# --------------------------------------------------------------------------- corpora
+
+
+def cache_dir() -> Path:
+    """flaxgpt's download cache: $FLAXGPT_CACHE_DIR, else $XDG_CACHE_HOME/flaxgpt, else
+    ~/.cache/flaxgpt (not created here)."""
+    if os.environ.get(CACHE_DIR_ENV):
+        return Path(os.environ[CACHE_DIR_ENV]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "flaxgpt"
+
+
+def download_file(url: str, dest: str | os.PathLike[str], timeout: float = 30.0) -> Path:
+    """Downloads `url` to `dest` atomically (temp file in the same folder, then os.replace).
+
+    Args:
+      url: any URL urllib opens (https://, file://, ...).
+      dest: the destination file; its folder is created if needed.
+      timeout: seconds before a network read gives up.
+
+    Returns:
+      `dest` as a Path.
+
+    Raises:
+      ConnectionError: the URL could not be read (offline, HTTP error, missing file).
+    """
+    dest = Path(dest)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            data = response.read()
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise ConnectionError(f"could not download {url} to {dest}: {e}") from e
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def _read_utf8(path: Path) -> str:
+    if not path.exists():
+        raise FileNotFoundError(f"no such text file: {path}")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a regular file: expected a UTF-8 text file")
+    try:
+        with open(path, encoding="utf-8") as f:  # universal newlines, as the book reads it
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not valid UTF-8 text (byte {e.start}): {e.reason}") from e
+    if not text:
+        raise ValueError(f"{path} is empty: expected a non-empty text file")
+    return text
+
+
+def _verdict_path() -> Path:
+    tried = []
+    data_dir = os.environ.get(DATA_DIR_ENV)
+    if data_dir:
+        candidate = Path(data_dir).expanduser() / VERDICT_FILE
+        if candidate.is_file():
+            return candidate
+        tried.append(f"${DATA_DIR_ENV}: {candidate} (missing)")
+    else:
+        tried.append(f"${DATA_DIR_ENV}: not set")
+    cached = cache_dir() / VERDICT_FILE
+    if cached.is_file():
+        return cached
+    tried.append(f"cache: {cached} (missing)")
+    try:
+        return download_file(VERDICT_URL, cached)
+    except OSError as e:  # ConnectionError, or the cache folder is not writable
+        tried.append(f"download: {e}")
+        raise ConnectionError(
+            f"could not get {VERDICT_FILE}. Tried:\n  - "
+            + "\n  - ".join(tried)
+            + f"\nSet ${DATA_DIR_ENV} to a folder holding {VERDICT_FILE}, or copy it to "
+            f"{cached}."
+        ) from e
+
+
+@functools.lru_cache(maxsize=1)
+def _pydoc_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key].strip("\n") for key in sorted(topics)) + "\n"
+
+
+def load_text(name_or_path: str | os.PathLike[str]) -> str:
+    """Loads a training text by corpus name or file path.
+
+    Names: "verdict" (the book's short story; from $FLAXGPT_DATA_DIR, else the cache, else
+    downloaded once into the cache); "pydoc" / "python-docs" (the Python reference manual's
+    topics from `pydoc_data.topics`, always offline). Anything else is a UTF-8 text file
+    (use "./verdict" for a file named like a corpus).
+
+    Args:
+      name_or_path: a corpus name or a path.
+
+    Returns:
+      The text.
+
+    Raises:
+      FileNotFoundError: the path does not exist.
+      ValueError: the file is empty or not UTF-8.
+      ConnectionError: "verdict" is nowhere local and cannot be downloaded.
+    """
+    if isinstance(name_or_path, str) and name_or_path == "verdict":
+        return _read_utf8(_verdict_path())
+    if isinstance(name_or_path, str) and name_or_path in _PYDOC_NAMES:
+        return _pydoc_text()
+    return _read_utf8(Path(name_or_path).expanduser())

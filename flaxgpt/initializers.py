@@ -1,0 +1,73 @@
+"""Parameter initialisers: PyTorch's defaults (the book's numerics) and GPT-2's scheme."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Initializer = Callable[..., jax.Array]
+
+
+def torch_uniform(fan_in: int) -> Initializer:
+    """PyTorch's default for ``nn.Linear`` weights and biases: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+    (``kaiming_uniform_(a=sqrt(5))`` on the weight reduces to this bound; the bias uses it directly.)
+    """
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
+
+    return init
+
+
+def dense(
+    features: int,
+    fan_in: int,
+    *,
+    use_bias: bool,
+    init: str = "torch",
+    residual_layers: int = 0,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    name: str | None = None,
+) -> nn.Dense:
+    """A ``nn.Dense`` (kernel (in, out)) initialised as PyTorch's ``nn.Linear`` or as GPT-2.
+
+    Args:
+      features: output width.
+      fan_in: input width (needed for the bias bound of the "torch" scheme).
+      use_bias: whether the layer has a bias.
+      init: "torch" or "gpt2".
+      residual_layers: for "gpt2", a projection into the residual stream gets std 0.02/sqrt(2 * n_layers);
+        pass ``n_layers`` for those and 0 otherwise.
+      dtype: compute dtype.
+      param_dtype: parameter dtype.
+      name: module name.
+
+    Returns:
+      The Dense module.
+    """
+    if init == "torch":
+        kernel_init = bias_init = torch_uniform(fan_in)
+    else:
+        std = 0.02 / math.sqrt(2 * residual_layers) if residual_layers else 0.02
+        kernel_init, bias_init = nn.initializers.normal(std), nn.initializers.zeros
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        kernel_init=kernel_init,
+        bias_init=bias_init,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+    )
+
+
+def embedding_init(init: str) -> Initializer:
+    """``nn.Embedding``'s N(0, 1) for "torch", N(0, 0.02) for "gpt2"."""
+    return nn.initializers.normal(1.0 if init == "torch" else 0.02)

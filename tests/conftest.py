@@ -1,0 +1,44 @@
+"""Shared fixtures. Shared data files are found only through environment variables:
+FLAXGPT_DATA_DIR (folder with the-verdict.txt) and FLAXGPT_GPT2_BPE_DIR (folder with GPT-2's
+encoder.json and vocab.bpe); tests that need them skip when they are unset."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import tiktoken
+
+
+def _env_dir(var: str, files: tuple[str, ...]) -> Path:
+    value = os.environ.get(var)
+    if not value:
+        pytest.skip(f"${var} is not set (a folder with {', '.join(files)})")
+    folder = Path(value)
+    missing = [name for name in files if not (folder / name).is_file()]
+    if missing:
+        pytest.skip(f"${var}={value} lacks {', '.join(missing)}")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def gpt2_bpe_dir() -> Path:
+    """The folder in $FLAXGPT_GPT2_BPE_DIR holding encoder.json and vocab.bpe."""
+    return _env_dir("FLAXGPT_GPT2_BPE_DIR", ("encoder.json", "vocab.bpe"))
+
+
+@pytest.fixture(scope="session")
+def verdict_text() -> str:
+    """The book's short story, the-verdict.txt, from $FLAXGPT_DATA_DIR."""
+    folder = _env_dir("FLAXGPT_DATA_DIR", ("the-verdict.txt",))
+    with open(folder / "the-verdict.txt", encoding="utf-8") as f:
+        return f.read()
+
+
+@pytest.fixture(scope="session")
+def gpt2_tok(gpt2_bpe_dir: Path) -> tiktoken.Encoding:
+    """The GPT-2 tiktoken encoding built from $FLAXGPT_GPT2_BPE_DIR."""
+    from flaxgpt.tokenizer import gpt2_tokenizer
+
+    return gpt2_tokenizer(gpt2_bpe_dir)
