@@ -16,7 +16,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "GPT-2 model name): its config, parameter count and size, read from headers only.",
     )
     p.add_argument("path", nargs="?", default=None, metavar="PATH", help="weights to describe")
-    p.add_argument("--n-heads", type=int, default=None, metavar="H", help="heads of a book file of non-GPT-2 width")
+    p.add_argument(
+        "--n-heads", type=int, default=None, metavar="H", help="heads of a book file of non-GPT-2 width"
+    )
     p.set_defaults(func=run)
 
 

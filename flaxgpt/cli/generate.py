@@ -1,0 +1,86 @@
+"""``flaxgpt generate``: continue a prompt with pretrained GPT-2 weights or a training checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+logger = logging.getLogger(__name__)
+
+EOS_ID = 50256  # GPT-2's <|endoftext|>
+
+_EPILOG = """\
+weights (--pretrained): a GPT-2 model name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; downloaded once into
+the Hugging Face cache), a Hugging Face folder with config.json + model.safetensors, or a book-style
+.safetensors file. --checkpoint: a flaxgpt training run or one of its checkpoint folders.
+
+Greedy decoding unless --temperature > 0 (then --seed fixes the draw). The GPT-2 tokenizer comes from
+$FLAXGPT_GPT2_BPE_DIR (encoder.json + vocab.bpe) or tiktoken's cache/download.
+
+examples:
+  flaxgpt generate --pretrained gpt2 --prompt "Every effort moves you"
+  flaxgpt generate --pretrained ./gpt2-dir --prompt "Hello" --temperature 0.8 --top-k 50 --seed 1
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="continue a prompt with GPT-2 weights or a checkpoint",
+        description="Print a prompt and the model's continuation of it.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--pretrained", metavar="NAME_OR_PATH", help="GPT-2 name, HF folder or book .safetensors"
+    )
+    src.add_argument("--checkpoint", metavar="DIR", help="a flaxgpt run or checkpoint folder")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=50, metavar="N", help="tokens to add (default 50)")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K most likely")
+    p.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling threshold")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="PRNG seed for sampling (default 0)")
+    p.add_argument("--eos", action="store_true", help="stop at <|endoftext|> (id 50256)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="parameter/compute dtype")
+    p.add_argument(
+        "--n-heads", type=int, default=None, metavar="H", help="heads of a book file of non-GPT-2 width"
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import jax
+
+    from flaxgpt.cli import CLIError
+    from flaxgpt.generate import generate
+    from flaxgpt.model import GPTModel
+    from flaxgpt.pretrained import detect_format, load_any
+    from flaxgpt.tokenizer import gpt2_tokenizer
+
+    source = args.pretrained if args.pretrained is not None else args.checkpoint
+    if args.checkpoint is not None and detect_format(source) != "checkpoint":
+        raise CLIError(f"{source} is not a flaxgpt run or checkpoint folder (use --pretrained for weights)")
+    if not args.prompt:
+        raise CLIError("--prompt is empty")
+    try:
+        cfg, params, fmt = load_any(source, n_heads=args.n_heads, dtype=args.dtype)
+    except ImportError as e:
+        raise CLIError(str(e)) from e
+    logger.debug("loaded %s weights from %s", fmt, source)
+    tok = gpt2_tokenizer()
+    ids = tok.encode(args.prompt, allowed_special={"<|endoftext|>"})
+    out = generate(
+        GPTModel(cfg),
+        params,
+        ids,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        eos_id=EOS_ID if args.eos else None,
+        key=jax.random.key(args.seed),
+    )  # (T + new,)
+    print(tok.decode([int(i) for i in out]))
+    return 0

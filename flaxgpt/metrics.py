@@ -1,0 +1,84 @@
+"""The run's evaluation log, ``metrics.jsonl``: one JSON object per evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = ["METRICS_FILE", "append_metrics", "read_metrics", "truncate_metrics"]
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN/inf
+    return value
+
+
+def append_metrics(path: str | os.PathLike[str], record: Mapping[str, Any]) -> None:
+    """Appends one record as a JSON line and flushes it to disk.
+
+    Args:
+      path: the metrics.jsonl file (created if missing).
+      record: JSON-serialisable values.
+    """
+    line = json.dumps({k: _jsonable(v) for k, v in record.items()}, sort_keys=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Reads every complete record of a metrics.jsonl file (a torn last line is skipped).
+
+    Args:
+      path: the file; a missing file gives an empty list.
+
+    Returns:
+      The records, in file order.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+    return records
+
+
+def truncate_metrics(path: str | os.PathLike[str], max_step: int) -> list[dict[str, Any]]:
+    """Keeps only records with ``step <= max_step`` (used on resume: the steps after the checkpoint
+    are trained, and evaluated, again).
+
+    Args:
+      path: the metrics.jsonl file.
+      max_step: the checkpoint's step.
+
+    Returns:
+      The kept records.
+    """
+    path = Path(path)
+    records = read_metrics(path)
+    kept = [r for r in records if int(r.get("step", 0)) <= max_step]
+    if path.is_file() and len(kept) != len(records):
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in kept:
+                f.write(json.dumps(r, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return kept
+

@@ -1,0 +1,63 @@
+"""The benchmarks' FLOP accounting (benchmarks/flops.py) against hand counts and the model's own
+parameter tree. No timing here: the benchmarks themselves are run by ``benchmarks/run_all.py``."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from flaxgpt.config import GPTConfig
+from flaxgpt.model import param_shapes
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "flops.py"
+
+
+@pytest.fixture(scope="module")
+def flops():
+    spec = importlib.util.spec_from_file_location("flaxgpt_bench_flops", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = GPTConfig(vocab_size=10, context_length=8, emb_dim=8, n_heads=2, n_layers=2, qkv_bias=True)
+
+
+def test_hand_count_tiny(flops):
+    # per layer: W_query, W_key, W_value 3 * 8*8 + out_proj 8*8 + fc1 8*32 + fc2 32*8 = 768; head 8*10.
+    assert flops.matmul_params(TINY) == 2 * 768 + 80 == 1616
+    # forward per token at T=4: 2 * 1616 + (Q K^T: 2*T*d + weights @ V: 2*T*d) per layer = 3232 + 2*128.
+    assert flops.forward_flops_per_token(TINY, 4) == 3232 + 256 == 3488
+    assert flops.train_flops_per_token(TINY, 4) == 3 * 3488
+    # decode: prompt of 3, 3 new tokens -> positions 0..4 are run through the model (5 forwards of one
+    # token each), attending to 1..5 positions.
+    assert flops.decode_flops(TINY, 3, 3) == 5 * 3232 + 4 * 2 * 8 * (1 + 2 + 3 + 4 + 5)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_matmul_params_match_the_model(flops, tie):
+    """N is every 2-D matmul kernel of the model plus the head (the token table when tied)."""
+    cfg = TINY.replace(tie_embeddings=tie)
+    shapes = param_shapes(cfg)
+    kernels = [
+        x for path, x in jax.tree_util.tree_leaves_with_path(shapes)
+        if jax.tree_util.keystr(path).endswith("['kernel']")
+    ]
+    n = sum(int(np.prod(x.shape)) for x in kernels)
+    if tie:
+        n += int(np.prod(shapes["tok_emb"]["embedding"].shape))
+    assert flops.matmul_params(cfg) == n
+
+
+def test_gpt2_small_forward_flops(flops):
+    # 12 layers * 12 * 768^2 = 84.9M in the blocks, 768 * 50257 = 38.6M in the head.
+    cfg = GPTConfig.preset("gpt2-small")
+    assert flops.matmul_params(cfg) == 84_934_656 + 38_597_376
+    assert flops.forward_flops_per_token(cfg, 256) == 2 * (84_934_656 + 38_597_376) + 4 * 12 * 256 * 768
+    assert flops.mfu(1e6, 100.0, 1e9) == pytest.approx(0.1)

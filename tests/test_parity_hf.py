@@ -1,0 +1,210 @@
+"""Logits parity with PyTorch references: Hugging Face ``GPT2LMHeadModel`` and the book's ``GPTModel``.
+
+Needs the ``parity`` extra (torch + transformers); skipped without it. f32 on CPU, tolerance 1e-4.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+nn = torch.nn
+
+from flaxgpt.book_weights import params_from_book, params_to_book  # noqa: E402
+from flaxgpt.config import GPTConfig  # noqa: E402
+from flaxgpt.model import GPTModel, forward  # noqa: E402
+from flaxgpt.weights import params_from_hf, params_to_hf  # noqa: E402
+
+V, CTX, C, H, L = 97, 16, 32, 4, 2
+ATOL = 1e-4
+
+
+def hf_model(tie: bool, qkv_bias: bool, seed: int = 0):
+    """A random GPT2LMHeadModel; every parameter redrawn so that LayerNorms and biases matter too."""
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(
+        vocab_size=V,
+        n_positions=CTX,
+        n_embd=C,
+        n_layer=L,
+        n_head=H,
+        tie_word_embeddings=tie,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.2)
+            if not qkv_bias and name.endswith("c_attn.bias"):
+                p.zero_()
+    assert (model.lm_head.weight is model.transformer.wte.weight) == tie
+    return model
+
+
+def ids(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, V, (2, CTX))
+
+
+def hf_logits(model, idx: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.as_tensor(idx)).logits.numpy()
+
+
+@pytest.mark.parametrize(
+    "tie, qkv_bias, scan",
+    [
+        (True, True, False),
+        (False, True, False),
+        (True, False, False),
+        (False, False, False),
+        (True, True, True),
+    ],
+)
+def test_hf_weights_give_hf_logits(tie, qkv_bias, scan):
+    model = hf_model(tie, qkv_bias)
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    cfg = GPTConfig(
+        vocab_size=V,
+        context_length=CTX,
+        emb_dim=C,
+        n_heads=H,
+        n_layers=L,
+        qkv_bias=qkv_bias,
+        tie_embeddings=tie,
+        scan_layers=scan,
+    )
+    params = params_from_hf(sd, cfg)
+    idx = ids()
+    np.testing.assert_allclose(
+        np.asarray(forward(GPTModel(cfg), params, idx)), hf_logits(model, idx), atol=ATOL, rtol=0
+    )
+
+
+@pytest.mark.parametrize("tie, qkv_bias", [(True, False), (False, True)])
+def test_exported_weights_give_flaxgpt_logits_in_hf(tie, qkv_bias):
+    cfg = GPTConfig(
+        vocab_size=V,
+        context_length=CTX,
+        emb_dim=C,
+        n_heads=H,
+        n_layers=L,
+        qkv_bias=qkv_bias,
+        tie_embeddings=tie,
+    )
+    # flaxgpt params from a different random HF model, so that no weight is at its init value
+    params = params_from_hf(
+        {k: v.numpy() for k, v in hf_model(tie, qkv_bias, seed=1).state_dict().items()}, cfg
+    )
+    model = hf_model(tie, True, seed=2)
+    sd = {k: torch.from_numpy(v) for k, v in params_to_hf(params, cfg).items()}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert unexpected == [] and missing == (["lm_head.weight"] if tie else [])
+    idx = ids(1)
+    np.testing.assert_allclose(
+        hf_logits(model, idx), np.asarray(forward(GPTModel(cfg), params, idx)), atol=ATOL, rtol=0
+    )
+
+
+# --------------------------------------------------------------------------- the book's PyTorch model
+
+
+class BookLayerNorm(nn.Module):
+    def __init__(self, emb_dim):
+        super().__init__()
+        self.eps = 1e-5
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, x):
+        mean = x.mean(dim=-1, keepdim=True)
+        var = x.var(dim=-1, keepdim=True, unbiased=False)
+        return self.scale * (x - mean) / torch.sqrt(var + self.eps) + self.shift
+
+
+class BookGELU(nn.Module):
+    def forward(self, x):
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
+
+
+class BookMultiHeadAttention(nn.Module):
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__()
+        self.d_out, self.num_heads, self.head_dim = d_out, num_heads, d_out // num_heads
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+        self.dropout = nn.Dropout(dropout)
+        self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length), diagonal=1))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        split = lambda y: y.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.W_query(x)), split(self.W_key(x)), split(self.W_value(x))
+        scores = (q @ k.transpose(2, 3)).masked_fill(self.mask.bool()[:t, :t], -torch.inf)
+        weights = self.dropout(torch.softmax(scores / k.shape[-1] ** 0.5, dim=-1))
+        return self.out_proj((weights @ v).transpose(1, 2).contiguous().view(b, t, self.d_out))
+
+
+class BookTransformerBlock(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        c = cfg["emb_dim"]
+        self.att = BookMultiHeadAttention(
+            c, c, cfg["context_length"], cfg["drop_rate"], cfg["n_heads"], cfg["qkv_bias"]
+        )
+        self.ff = nn.Module()
+        self.ff.layers = nn.Sequential(nn.Linear(c, 4 * c), BookGELU(), nn.Linear(4 * c, c))
+        self.norm1, self.norm2 = BookLayerNorm(c), BookLayerNorm(c)
+        self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
+
+    def forward(self, x):
+        x = x + self.drop_shortcut(self.att(self.norm1(x)))
+        return x + self.drop_shortcut(self.ff.layers(self.norm2(x)))
+
+
+class BookGPTModel(nn.Module):
+    """The book's chapter-4 GPTModel (same module names, so the same state-dict keys)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
+        self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
+        self.drop_emb = nn.Dropout(cfg["drop_rate"])
+        self.trf_blocks = nn.Sequential(*[BookTransformerBlock(cfg) for _ in range(cfg["n_layers"])])
+        self.final_norm = BookLayerNorm(cfg["emb_dim"])
+        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
+
+    def forward(self, idx):
+        x = self.tok_emb(idx) + self.pos_emb(torch.arange(idx.shape[1]))
+        return self.out_head(self.final_norm(self.trf_blocks(self.drop_emb(x))))
+
+
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_book_state_dict_round_trip_matches_the_book_model(qkv_bias):
+    book_cfg = dict(
+        vocab_size=V, context_length=CTX, emb_dim=C, n_heads=H, n_layers=L, drop_rate=0.0, qkv_bias=qkv_bias
+    )
+    torch.manual_seed(3)
+    model = BookGPTModel(book_cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    cfg = GPTConfig(**book_cfg)
+    params = params_from_book({k: v.numpy() for k, v in model.state_dict().items()}, cfg)
+    idx = ids(2)
+    with torch.no_grad():
+        want = model(torch.as_tensor(idx)).numpy()
+    np.testing.assert_allclose(np.asarray(forward(GPTModel(cfg), params, idx)), want, atol=ATOL, rtol=0)
+
+    fresh = BookGPTModel(book_cfg).eval()
+    fresh.load_state_dict(
+        {k: torch.from_numpy(v) for k, v in params_to_book(params, cfg).items()}, strict=True
+    )
+    with torch.no_grad():
+        np.testing.assert_allclose(fresh(torch.as_tensor(idx)).numpy(), want, atol=1e-6, rtol=0)
