@@ -378,7 +378,12 @@ def _verdict_path() -> Path:
 def _pydoc_text() -> str:
     from pydoc_data.topics import topics
 
-    return "\n\n".join(topics[key].strip("\n") for key in sorted(topics)) + "\n"
+    # The manual is indented for a terminal; runs of spaces would be ~18% of its GPT-2 tokens and
+    # teach a small model little but whitespace, so each line's spacing is collapsed.
+    def tidy(topic: str) -> str:
+        return "\n".join(" ".join(line.split()) for line in topic.strip("\n").splitlines())
+
+    return "\n\n".join(tidy(topics[key]) for key in sorted(topics)) + "\n"
 
 
 def load_text(name_or_path: str | os.PathLike[str]) -> str:

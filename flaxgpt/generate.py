@@ -4,8 +4,8 @@
 preallocated :class:`flaxgpt.kv_cache.KVCache`, then decodes one token per step inside a single jitted
 ``lax.while_loop`` (no Python loop over tokens, no growing arrays).
 
-What compiles: one program per (model, parameter shapes/dtypes, batch size, prompt bucket, new-token
-bucket). Prompt buckets are powers of two >= 8 (capped at ``context_length``); new-token buckets are
+What compiles: one program per (model config, parameter shapes/dtypes, batch size, prompt bucket,
+new-token bucket). Prompt buckets are powers of two >= 8 (capped at ``context_length``); new-token buckets are
 8, 12, 16, 24, 32, 48, ... (powers of two and 1.5x powers of two, capped at ``context_length``). The
 actual prompt lengths, ``max_new_tokens`` within its bucket, ``temperature``, ``top_k``, ``top_p``,
 ``eos_id`` and ``key`` are traced values: changing them reuses the compiled program.
@@ -217,10 +217,12 @@ def generate(
         layout its ``cfg.scan_layers`` expects).
       params: its parameters.
       prompt: token ids: a 1-D sequence (one prompt), a 2-D (B, T) array, or a Python list of 1-D
-        sequences of any lengths (a ragged batch: each row comes out as if generated alone).
-      max_new_tokens: tokens to add, >= 0; prompt + new tokens must fit in ``context_length``.
+        sequences of any lengths (a ragged batch, left-padded internally: greedy rows come out as if
+        generated alone; sampled rows draw their own noise, row 0 as a lone prompt would).
+      max_new_tokens: tokens to add, >= 0; prompt + new tokens must fit in ``context_length`` (no
+        silent cropping of the context, unlike the book's loop: crop the prompt yourself).
       temperature: 0 for greedy decoding; otherwise logits are divided by it before sampling.
-      top_k: keep only logits >= the k-th largest (None: no filter).
+      top_k: keep only logits >= the k-th largest (None, or k >= vocab_size: no filter).
       top_p: nucleus sampling: keep the smallest set of most likely tokens whose probability reaches
         ``top_p`` (None: no filter). Applied after temperature and top-k.
       eos_id: a row stops when it draws this id, which is not included in its output; the loop ends
@@ -249,10 +251,12 @@ def generate(
     key = jax.random.key(0) if key is None else _as_key(key)
     longest = max(len(r) for r in rows)
     if longest + n > cfg.context_length:
+        fixes = [f"shorten the prompt to its last {cfg.context_length - n} tokens"] if n < cfg.context_length else []
+        if longest < cfg.context_length:
+            fixes.append(f"ask for at most {cfg.context_length - longest} new tokens")
         raise ValueError(
             f"prompt of {longest} tokens + max_new_tokens={n} exceeds the model's context_length "
-            f"{cfg.context_length}; shorten the prompt to its last {max(cfg.context_length - n, 0)} tokens "
-            f"or ask for at most {cfg.context_length - longest} new tokens"
+            f"{cfg.context_length}; " + " or ".join(fixes or ["use a model with a longer context"])
         )
 
     if n == 0:

@@ -29,6 +29,9 @@ __all__ = [
     "SimpleTokenizerV1",
     "SimpleTokenizerV2",
     "gpt2_tokenizer",
+    "ByteTokenizer",
+    "TOKENIZERS",
+    "get_tokenizer",
     "text_to_token_ids",
     "token_ids_to_text",
 ]
@@ -321,6 +324,64 @@ def gpt2_tokenizer(bpe_dir: str | os.PathLike[str] | None = None) -> tiktoken.En
         f"${GPT2_BPE_DIR_ENV}, or let tiktoken download them (network access, or a "
         "pre-filled TIKTOKEN_CACHE_DIR)."
     )
+
+
+# --------------------------------------------------------------------------- bytes, and by name
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (ids 0-255) plus `<|endoftext|>` (256): needs no files at all.
+
+    The fallback of `flaxgpt train` when GPT-2's BPE files cannot be found offline; also handy for tiny
+    models, whose output head would otherwise be dominated by GPT-2's 50,257-token vocabulary.
+    """
+
+    name = "bytes"
+    n_vocab = 257
+    eot_token = 256
+
+    def encode(self, text: str, **_: Any) -> list[int]:
+        """Encodes text; the literal string `<|endoftext|>` becomes id 256."""
+        ids: list[int] = []
+        for i, part in enumerate(text.split(ENDOFTEXT)):
+            if i:
+                ids.append(self.eot_token)
+            ids.extend(part.encode("utf-8"))
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Decodes ids; invalid UTF-8 (e.g. a cut multi-byte character) becomes U+FFFD."""
+        out, chunk = [], bytearray()
+        for i in ids:
+            i = int(i)
+            if not 0 <= i < self.n_vocab:
+                raise ValueError(f"token id {i} is outside the byte vocabulary [0, {self.n_vocab})")
+            if i == self.eot_token:
+                out.append(chunk.decode("utf-8", errors="replace") + ENDOFTEXT)
+                chunk = bytearray()
+            else:
+                chunk.append(i)
+        out.append(chunk.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+
+TOKENIZERS = ("gpt2", "bytes")
+
+
+def get_tokenizer(name: str) -> Any:
+    """Returns a tokenizer by the name stored in checkpoints: "gpt2" (see `gpt2_tokenizer`) or "bytes".
+
+    Args:
+      name: one of `TOKENIZERS`.
+
+    Returns:
+      An object with `encode`, `decode`, `n_vocab` and `eot_token`.
+    """
+    if name == "gpt2":
+        return gpt2_tokenizer()
+    if name == "bytes":
+        return ByteTokenizer()
+    raise ValueError(f"unknown tokenizer {name!r}; expected one of {TOKENIZERS}")
 
 
 # --------------------------------------------------------------------------- text <-> ids

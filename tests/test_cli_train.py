@@ -154,3 +154,43 @@ def test_sigterm_then_sigkill_leave_loadable_checkpoints(tmp_path, text_file, gp
     assert info["step"] > stopped_at and cfg.emb_dim == 16
     assert not Path(info["path"]).name.startswith(".tmp")
     assert all(p.name.startswith("step_") for p in list_checkpoints(run))
+
+
+def test_auto_tokenizer_falls_back_to_bytes_offline_and_generate_uses_it(tmp_path, capsys, monkeypatch):
+    """With no GPT-2 BPE files reachable, the default run still trains (on UTF-8 bytes, a 257-token model),
+    records the tokenizer in its checkpoint, and `flaxgpt generate --checkpoint` decodes with it."""
+    import tiktoken
+
+    import flaxgpt.tokenizer as tokenizer_module
+
+    monkeypatch.delenv("FLAXGPT_GPT2_BPE_DIR")
+
+    def offline(name):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    monkeypatch.setattr(tokenizer_module.tiktoken, "get_encoding", offline)
+    path = tmp_path / "in.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    out_dir = tmp_path / "run"
+    rc, out, err = _run_cli(
+        ["--text", str(path), "--out", str(out_dir), *TINY, "--max-steps", "3", "--eval-freq", "2"], capsys
+    )
+    assert rc == 0, err
+    cfg, _, info = load_model_from_checkpoint(out_dir)
+    assert info["tokenizer"] == "bytes"
+    assert cfg.vocab_size == 257
+    assert json.loads((out_dir / "config.json").read_text())["tokenizer"] == "bytes"
+
+    rc = main(["generate", "--checkpoint", str(out_dir), "--prompt", "The", "--max-new-tokens", "4"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert printed.startswith("The")
+
+    # an explicit --tokenizer gpt2 that cannot be loaded is a one-line error, not a fallback
+    rc, out, err = _run_cli(
+        ["--text", str(path), "--out", str(tmp_path / "run2"), *TINY, "--tokenizer", "gpt2"], capsys
+    )
+    assert rc == 2
+    assert "GPT-2 tokenizer" in err and "--tokenizer bytes" in err
+    assert len(err.strip().splitlines()) == 1

@@ -280,8 +280,13 @@ def test_pydoc_corpus_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     from pydoc_data.topics import topics
 
     keys = sorted(topics)
-    assert text.startswith(topics[keys[0]].rstrip("\n") + "\n\n" + topics[keys[1]][:50])
+
+    def tidy(topic: str) -> str:  # each line's spacing collapsed, as load_text documents
+        return "\n".join(" ".join(line.split()) for line in topic.strip("\n").splitlines())
+
+    assert text.startswith(tidy(topics[keys[0]]) + "\n\n" + tidy(topics[keys[1]])[:50])
     assert "The \"assert\" statement" in text
+    assert "  " not in text  # no runs of spaces left from the manual's indentation
 
 
 def test_load_verdict_from_data_dir(verdict_text: str) -> None:

@@ -7,7 +7,6 @@ import contextlib
 from typing import Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

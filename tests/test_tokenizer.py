@@ -275,3 +275,31 @@ def test_text_ids_with_regex_tokenizer() -> None:
     assert token_ids_to_text(ids, tok) == "the <|unk|> sat."
     with pytest.raises(ValueError, match="text must be a str"):
         text_to_token_ids(["not", "text"], tok)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- byte tokenizer
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text())
+def test_byte_tokenizer_round_trips_unicode(text: str) -> None:
+    from flaxgpt.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    ids = tok.encode(text)
+    assert all(0 <= i < tok.n_vocab for i in ids)
+    assert tok.decode(ids) == text
+
+
+def test_byte_tokenizer_endoftext_and_errors() -> None:
+    from flaxgpt.tokenizer import ByteTokenizer, get_tokenizer
+
+    tok = get_tokenizer("bytes")
+    assert isinstance(tok, ByteTokenizer)
+    assert tok.encode("a<|endoftext|>é") == [97, 256, 0xC3, 0xA9]
+    assert tok.decode([97, 256, 0xC3, 0xA9]) == "a<|endoftext|>é"
+    assert tok.decode([0xC3]) == "\ufffd"  # a cut multi-byte character
+    with pytest.raises(ValueError, match="outside the byte vocabulary"):
+        tok.decode([257])
+    with pytest.raises(ValueError, match="unknown tokenizer 'sentencepiece'"):
+        get_tokenizer("sentencepiece")

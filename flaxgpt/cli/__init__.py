@@ -58,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(message)s",
     )
+    if not args.verbose:  # JAX logs backend probing (e.g. "Unable to initialize backend 'tpu'") at INFO
+        logging.getLogger("jax").setLevel(logging.WARNING)
     if args.command is None:
         parser.print_help()
         return 0

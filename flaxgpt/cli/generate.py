@@ -7,7 +7,6 @@ import logging
 
 logger = logging.getLogger(__name__)
 
-EOS_ID = 50256  # GPT-2's <|endoftext|>
 
 _EPILOG = """\
 weights (--pretrained): a GPT-2 model name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; downloaded once into
@@ -57,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     from flaxgpt.generate import generate
     from flaxgpt.model import GPTModel
     from flaxgpt.pretrained import detect_format, load_any
-    from flaxgpt.tokenizer import gpt2_tokenizer
+    from flaxgpt.checkpoint import resolve_checkpoint
+    from flaxgpt.tokenizer import get_tokenizer, text_to_token_ids
 
     source = args.pretrained if args.pretrained is not None else args.checkpoint
     if args.checkpoint is not None and detect_format(source) != "checkpoint":
@@ -69,8 +69,9 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise CLIError(str(e)) from e
     logger.debug("loaded %s weights from %s", fmt, source)
-    tok = gpt2_tokenizer()
-    ids = tok.encode(args.prompt, allowed_special={"<|endoftext|>"})
+    # a training run records its tokenizer; published weights use GPT-2's
+    tok = get_tokenizer(resolve_checkpoint(source)[1].get("tokenizer", "gpt2") if fmt == "checkpoint" else "gpt2")
+    ids = text_to_token_ids(args.prompt, tok)[0]  # (T,)
     out = generate(
         GPTModel(cfg),
         params,
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
-        eos_id=EOS_ID if args.eos else None,
+        eos_id=tok.eot_token if args.eos else None,
         key=jax.random.key(args.seed),
     )  # (T + new,)
     print(tok.decode([int(i) for i in out]))

@@ -23,6 +23,7 @@ from flaxgpt.cli import CLIError
 # --resume, values not given again come from the run's saved config.json.
 DEFAULTS: dict[str, Any] = {
     "text": "pydoc",
+    "tokenizer": "auto",
     "preset": None,
     "epochs": 10,
     "max_steps": 500,
@@ -48,7 +49,7 @@ DEFAULT_MODEL: dict[str, Any] = dict(
 )
 MODEL_FLAGS = ("emb_dim", "n_layers", "n_heads", "context_length", "drop_rate")
 # Options that fix the data order: a resumed run must use the saved values.
-DATA_OPTIONS = ("text", "batch_size", "stride", "val_ratio", "seed", "accumulate_steps")
+DATA_OPTIONS = ("text", "tokenizer", "batch_size", "stride", "val_ratio", "seed", "accumulate_steps")
 CONFIG_FILE = "config.json"
 BOOK_PROMPT = "Every effort moves you"
 PYDOC_PROMPT = "The for statement is used to"
@@ -67,6 +68,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     io.add_argument("--text", metavar="PATH|verdict|pydoc",
                     help=f"a UTF-8 text file, 'verdict' (the book's story) or 'pydoc' (the Python "
                     f"reference manual that ships with Python; offline). Default: {d['text']}")
+    io.add_argument("--tokenizer", choices=("auto", "gpt2", "bytes"),
+                    help="'gpt2' (BPE, tiktoken), 'bytes' (UTF-8 bytes, needs no files) or 'auto': GPT-2 "
+                    "when its files can be found or downloaded, else bytes (default: auto)")
     io.add_argument("--out", metavar="DIR", help="run directory (default: runs/<text name>)")
     io.add_argument("--val-ratio", type=float, help=f"validation fraction (default {d['val_ratio']})")
     io.add_argument("--stride", type=int, help="window stride (default: the context length)")
@@ -159,6 +163,26 @@ def _model_config(args: argparse.Namespace, settings: dict[str, Any], saved: dic
     return GPTConfig(**{**DEFAULT_MODEL, **overrides})
 
 
+def _tokenizer(name: str) -> tuple[Any, str]:
+    """The training tokenizer and its name; "auto" takes GPT-2's BPE when it can be loaded (local files
+    or tiktoken's cache/download), else UTF-8 bytes, so that the default run works offline."""
+    from flaxgpt.tokenizer import ByteTokenizer, get_tokenizer
+
+    if name != "auto":
+        try:
+            return get_tokenizer(name), name
+        except RuntimeError as e:
+            raise CLIError(str(e).splitlines()[0] + " (or use --tokenizer bytes)") from e
+    try:
+        return get_tokenizer("gpt2"), "gpt2"
+    except RuntimeError as e:
+        logging.getLogger(__name__).info(
+            "GPT-2 BPE files not available (%s); training with the byte-level tokenizer "
+            "(set FLAXGPT_GPT2_BPE_DIR or go online for GPT-2's)", str(e).splitlines()[0]
+        )
+        return ByteTokenizer(), "bytes"
+
+
 def _check_settings(s: dict[str, Any]) -> None:
     for name in ("epochs", "batch_size", "eval_freq", "eval_iter", "accumulate_steps", "keep_checkpoints"):
         if s[name] < 1:
@@ -235,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
     from flaxgpt.model import GPTModel, count_params, init_params
     from flaxgpt.optim import make_optimizer
     from flaxgpt.plotting import plot_metrics
-    from flaxgpt.tokenizer import gpt2_tokenizer, text_to_token_ids
+    from flaxgpt.tokenizer import text_to_token_ids
     from flaxgpt.train import NonFiniteLossError, Position, create_train_state, fit
 
     s, out, ckpt, saved_model, saved_sha = _resolve(args)
@@ -248,15 +272,14 @@ def run(args: argparse.Namespace) -> int:
         check_mesh(args.mesh, s["batch_size"])  # fail on a bad --mesh before any work
     if ckpt is None and any((out / "checkpoints").glob("step_*")):
         raise CLIError(f"{out} already holds checkpoints: pass --resume to continue it, or another --out")
+    tok, s["tokenizer"] = _tokenizer(s["tokenizer"])
     cfg = _model_config(args, s, saved_model)
+    if saved_model is None and s["tokenizer"] == "bytes":
+        cfg = cfg.replace(vocab_size=tok.n_vocab)  # no 50,257-way head for a 257-token vocabulary
     stride = s["stride"] or cfg.context_length
     try:
         text = load_text(s["text"])
     except ConnectionError as e:
-        raise CLIError(str(e).splitlines()[0]) from e
-    try:
-        tok = gpt2_tokenizer()
-    except RuntimeError as e:
         raise CLIError(str(e).splitlines()[0]) from e
     if cfg.vocab_size < tok.n_vocab:
         raise CLIError(f"vocab_size {cfg.vocab_size} is smaller than the tokenizer's {tok.n_vocab} tokens")
@@ -320,7 +343,7 @@ def run(args: argparse.Namespace) -> int:
     train_args = {k: s[k] for k in DEFAULTS}
     write_json_atomic(
         out / CONFIG_FILE,
-        {"model": cfg.to_dict(), "train": train_args, "tokenizer": "gpt2", "text_sha256": text_sha},
+        {"model": cfg.to_dict(), "train": train_args, "tokenizer": s["tokenizer"], "text_sha256": text_sha},
     )
     print(
         f"model: {count_params(state.params) / 1e6:.1f}M params (emb {cfg.emb_dim}, {cfg.n_layers} layers, "
@@ -349,7 +372,7 @@ def run(args: argparse.Namespace) -> int:
                 eval_iter=s["eval_iter"], max_steps=max_steps, tokenizer=tok,
                 start_context=s["start_context"], run_dir=out, checkpoint_every=s["checkpoint_every"],
                 keep_checkpoints=s["keep_checkpoints"], start=start, accumulate_steps=s["accumulate_steps"],
-                checkpoint_extra={"train_args": train_args, "text_sha256": text_sha},
+                tokenizer_name=s["tokenizer"], checkpoint_extra={"train_args": train_args, "text_sha256": text_sha},
                 callback=callback, shard_batch=shard_batch, step_fn=step_fn,
             )
     except NonFiniteLossError as e:
