@@ -34,6 +34,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from flaxgpt.config import GPTConfig
+from flaxgpt.safetensors_io import fsync_dir
+from flaxgpt.safetensors_io import write_json as write_json_atomic  # re-exported: runs write config.json with it
 
 __all__ = [
     "CheckpointError",
@@ -120,14 +122,6 @@ def _unflatten_params(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- files
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _sha256_and_fsync(path: Path) -> str:
     """SHA-256 of a file, read in chunks; also fsyncs it."""
     h = hashlib.sha256()
@@ -136,28 +130,6 @@ def _sha256_and_fsync(path: Path) -> str:
             h.update(chunk)
         os.fsync(f.fileno())
     return h.hexdigest()
-
-
-def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Writes ``obj`` as JSON to ``path`` via a fsynced temporary file and a rename.
-
-    Args:
-      path: destination file.
-      obj: a JSON-serialisable object.
-
-    Returns:
-      The destination as a Path.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    return path
 
 
 def _pid_alive(pid: int) -> bool:
@@ -371,7 +343,7 @@ def save_checkpoint(
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # e.g. a corrupt checkpoint of this step that was skipped on resume
             old = ckpt_dir / f".tmp-old-{name}-{os.getpid()}"
             os.replace(final, old)
@@ -379,7 +351,7 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(ckpt_dir)
+        fsync_dir(ckpt_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

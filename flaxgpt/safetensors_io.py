@@ -178,17 +178,37 @@ def write_safetensors(
     return path
 
 
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Flushes a folder's entries (a rename inside it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Writes ``obj`` as indented JSON, atomically."""
+    """Writes ``obj`` as indented JSON, atomically: a fsynced temporary file, a rename, a fsynced folder.
+
+    Args:
+      path: destination file.
+      obj: a JSON-serialisable object.
+
+    Returns:
+      The destination as a Path.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2, sort_keys=True)
             f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    fsync_dir(path.parent)
     return path
