@@ -147,10 +147,12 @@ class MultiHeadAttentionWrapper(nn.Module):
 class MultiHeadAttention(nn.Module):
     """Causal multi-head attention with split heads: one projection each for Q, K and V (section 3.6.2).
 
-    Without a cache it is the book's module. With a cache (generation), ``kv`` holds this layer's key and
-    value slots (B, S, H, D); the new keys/values are written at slot ``index`` and queries attend to
-    every written slot at or before their own, from slot ``offset[b]`` on (slots before it are the left
-    padding of a shorter prompt in a ragged batch).
+    Without a cache it is the book's module. With a cache (generation), ``kv`` holds this layer's key
+    slots (B, H, D, S) and value slots (B, H, S, D) (the layout of :class:`flaxgpt.kv_cache.KVCache`:
+    keys transposed so the decode matmuls read both caches without a transpose); the new keys/values are
+    written at slot ``index`` in place and queries attend to every written slot at or before their own,
+    from slot ``offset[b]`` on (slots before it are the left padding of a shorter prompt in a ragged
+    batch).
 
     Attributes:
       d_out: output width (= model width); split into ``num_heads`` heads.
@@ -188,7 +190,7 @@ class MultiHeadAttention(nn.Module):
         """Args:
           x: (B, T, d_in) inputs.
           deterministic: disables dropout; otherwise a "dropout" PRNG key is needed.
-          kv: this layer's cache (keys, values), each (B, S, H, D), or None.
+          kv: this layer's cache (keys (B, H, D, S), values (B, H, S, D)), or None.
           index: () int32, the slot of x's first token in the cache.
           offset: (B,) int32, each row's first valid slot.
 
@@ -203,37 +205,53 @@ class MultiHeadAttention(nn.Module):
             for name in ("W_query", "W_key", "W_value")
         )  # each (B, T, H, D)
 
+        if self.impl == "dot_product" and self.dropout > 0.0 and not deterministic:
+            raise ValueError(
+                "attention='dot_product' has no dropout on attention weights; train with "
+                "attention='xla' or drop_rate=0"
+            )
         if kv is None:
             mask = causal_mask(t)[None, None]  # (1, 1, T, T)
+            if self.impl == "dot_product":
+                context = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # (B, T, H, D)
+            else:
+                scores = jnp.einsum(
+                    "bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32
+                )  # (B, H, T, T)
+                scores = jnp.where(mask, scores / math.sqrt(d), _MASK_VALUE)
+                weights = jax.nn.softmax(scores, axis=-1)  # (B, H, T, T) float32
+                weights = nn.Dropout(self.dropout)(weights, deterministic=deterministic)
+                context = jnp.einsum("bhts,bshd->bthd", weights.astype(v.dtype), v)  # (B, T, H, D)
         else:
-            keys, values = kv
-            keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, index, 0, 0))  # (B, S, H, D)
-            values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (0, index, 0, 0))
+            keys, values = kv  # (B, H, D, S), (B, H, S, D)
+            k_new = k.transpose(0, 2, 3, 1).astype(keys.dtype)  # (B, H, D, T)
+            v_new = v.transpose(0, 2, 1, 3).astype(values.dtype)  # (B, H, T, D)
+            keys = jax.lax.dynamic_update_slice(keys, k_new, (0, 0, 0, index))  # (B, H, D, S)
+            values = jax.lax.dynamic_update_slice(values, v_new, (0, 0, index, 0))  # (B, H, S, D)
             kv = (keys, values)
-            k, v = keys.astype(q.dtype), values.astype(q.dtype)
             q_slot = index + jnp.arange(t)  # (T,)
-            k_slot = jnp.arange(keys.shape[1])  # (S,)
+            k_slot = jnp.arange(keys.shape[-1])  # (S,)
             mask = (k_slot[None, :] <= q_slot[:, None])[None] & (
                 k_slot[None, None, :] >= offset[:, None, None]
             )  # (B, T, S)
             mask = mask[:, None]  # (B, 1, T, S)
-
-        if self.impl == "dot_product":
-            if self.dropout > 0.0 and not deterministic:
-                raise ValueError(
-                    "attention='dot_product' has no dropout on attention weights; train with "
-                    "attention='xla' or drop_rate=0"
-                )
-            if kv is None:
-                context = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # (B, T, H, D)
+            if self.impl == "dot_product":
+                # jax.nn.dot_product_attention wants (B, S, H, D): transpose the caches (the GPU path).
+                k_all = keys.transpose(0, 3, 1, 2).astype(q.dtype)  # (B, S, H, D)
+                v_all = values.transpose(0, 2, 1, 3).astype(q.dtype)  # (B, S, H, D)
+                context = jax.nn.dot_product_attention(q, k_all, v_all, mask=mask)  # (B, T, H, D)
             else:
-                context = jax.nn.dot_product_attention(q, k, v, mask=mask)  # (B, T, H, D)
-        else:
-            scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)  # (B, H, T, S)
-            scores = jnp.where(mask, scores / math.sqrt(d), _MASK_VALUE)
-            weights = jax.nn.softmax(scores, axis=-1)  # (B, H, T, S) float32
-            weights = nn.Dropout(self.dropout)(weights, deterministic=deterministic)
-            context = jnp.einsum("bhts,bshd->bthd", weights.astype(v.dtype), v)  # (B, T, H, D)
+                q_h = q.transpose(0, 2, 1, 3)  # (B, H, T, D)
+                scores = jnp.einsum(
+                    "bhtd,bhds->bhts", q_h, keys.astype(q.dtype), preferred_element_type=jnp.float32
+                )  # (B, H, T, S)
+                scores = jnp.where(mask, scores / math.sqrt(d), _MASK_VALUE)
+                weights = jax.nn.softmax(scores, axis=-1)  # (B, H, T, S) float32
+                weights = nn.Dropout(self.dropout)(weights, deterministic=deterministic)
+                context = jnp.einsum(
+                    "bhts,bhsd->bhtd", weights.astype(q.dtype), values.astype(q.dtype)
+                )  # (B, H, T, D)
+                context = context.transpose(0, 2, 1, 3)  # (B, T, H, D)
 
         out = dense(
             self.d_out, self.d_out, use_bias=True, residual_layers=self.n_layers, name="out_proj", **common

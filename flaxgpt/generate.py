@@ -122,7 +122,7 @@ def _generate_compiled(
     """Prefill plus a ``lax.while_loop`` of decode steps. Returns (B, slots) new ids, ``eos_id`` (or 0
     without one) after a row stops and in the unused slots."""
     b, tb = idx.shape
-    cache = init_cache(model.cfg, b, tb + slots, offset)  # k, v: (L, B, Tb + slots, H, D)
+    cache = init_cache(model.cfg, b, tb + slots, offset)  # k, v: per-layer keys (B, H, D, S) and values (B, H, S, D); see init_cache
     logits, cache = prefill(model, params, idx, cache)  # (B, V)
 
     def pick(logits: jax.Array, step: jax.Array, done: jax.Array) -> tuple[jax.Array, jax.Array]:

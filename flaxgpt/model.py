@@ -87,7 +87,9 @@ class GPTModel(nn.Module):
         """Args:
           idx: (B, T) int token ids in [0, vocab_size) (validate on the host: see :func:`check_token_ids`).
           deterministic: disables dropout; otherwise pass ``rngs={"dropout": key}``.
-          cache: a KV cache; the tokens are written at ``cache.index`` and the cache comes back advanced.
+          cache: a KV cache from ``init_cache(cfg, ...)`` for this config (its layout follows
+            ``cfg.scan_layers``); the tokens are written at ``cache.index`` and the cache comes back
+            advanced.
 
         Returns:
           (B, T, vocab_size) float32 logits, or ``(logits, cache)`` when a cache is given.
@@ -102,23 +104,31 @@ class GPTModel(nn.Module):
             pos = jnp.arange(t)[None, :]  # (1, T)
             index = offset = None
         else:
+            if isinstance(cache.k, (tuple, list)) == cfg.scan_layers:
+                want = "stacked (L, ...) arrays" if cfg.scan_layers else "tuples of per-layer arrays"
+                raise ValueError(
+                    f"cache layout does not match scan_layers={cfg.scan_layers}: expected k/v as {want}; "
+                    "build the cache with init_cache(cfg, ...) for this config"
+                )
             index, offset = cache.index, cache.offset
             pos = jnp.maximum(index + jnp.arange(t)[None, :] - offset[:, None], 0)  # (B, T)
         x = self.tok_emb(idx) + self.pos_emb(pos)  # (B, T, C)
         x = self.drop_emb(x, deterministic=deterministic)
 
         if cfg.scan_layers:
-            kv = None if cache is None else (cache.k, cache.v)  # each (L, B, S, H, D)
+            kv = None if cache is None else (cache.k, cache.v)  # (L, B, H, D, S), (L, B, H, S, D)
             x, kv = self.trf_blocks(x, deterministic, kv, index, offset)
         else:
+            # The cache holds one array per layer: each layer updates its own slots in place, with no
+            # restacking copy of the whole cache per step.
             new_k, new_v = [], []
             for i, block in enumerate(self.trf_blocks):
-                layer_kv = None if cache is None else (cache.k[i], cache.v[i])  # (B, S, H, D)
+                layer_kv = None if cache is None else (cache.k[i], cache.v[i])  # (B, H, D, S), (B, H, S, D)
                 x, layer_kv = block(x, deterministic, layer_kv, index, offset)
                 if layer_kv is not None:
                     new_k.append(layer_kv[0])
                     new_v.append(layer_kv[1])
-            kv = None if cache is None else (jnp.stack(new_k), jnp.stack(new_v))
+            kv = None if cache is None else (tuple(new_k), tuple(new_v))  # L x each
 
         x = self.final_norm(x)  # (B, T, C)
         if cfg.tie_embeddings:

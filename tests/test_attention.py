@@ -312,7 +312,7 @@ def test_mha_cache_path_equals_full_forward(impl):
     mha = MultiHeadAttention(d_out=h * d, num_heads=h, context_length=s, impl=impl)
     p = mha.init(jax.random.key(0), x)["params"]
     full, _ = mha.apply({"params": p}, x)
-    kv = (jnp.zeros((b, s, h, d)), jnp.zeros((b, s, h, d)))
+    kv = (jnp.zeros((b, h, d, s)), jnp.zeros((b, h, s, d)))  # keys (B, H, D, S), values (B, H, S, D)
     offset = jnp.zeros((b,), jnp.int32)
     # Prefill 4 tokens, then decode the remaining 2 one at a time.
     out, kv = mha.apply({"params": p}, x[:, :4], kv=kv, index=jnp.int32(0), offset=offset)
@@ -321,8 +321,9 @@ def test_mha_cache_path_equals_full_forward(impl):
         out, kv = mha.apply({"params": p}, x[:, i : i + 1], kv=kv, index=jnp.int32(i), offset=offset)
         outs.append(out)
     np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, rtol=1e-5, atol=1e-5)
-    assert kv[0].shape == (b, s, h, d)
-    assert np.all(np.asarray(kv[0])[:, t:] == 0.0)  # unwritten slots untouched
+    assert kv[0].shape == (b, h, d, s) and kv[1].shape == (b, h, s, d)
+    assert np.all(np.asarray(kv[0])[..., t:] == 0.0)  # unwritten slots untouched
+    assert np.all(np.asarray(kv[1])[:, :, t:] == 0.0)
 
 
 def test_dot_product_equals_xla():

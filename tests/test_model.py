@@ -413,11 +413,16 @@ def test_dot_product_with_training_dropout_raises(tiny_params):
 
 
 def test_init_cache_shapes():
-    cache = init_cache(TINY, batch_size=3, length=10)
-    assert cache.k.shape == cache.v.shape == (2, 3, 10, 4, 8)
-    assert cache.k.dtype == jnp.float32 and cache.length == 10
+    cache = init_cache(TINY, batch_size=3, length=10)  # unrolled: one array per layer
+    assert len(cache.k) == len(cache.v) == 2
+    assert all(k.shape == (3, 4, 8, 10) for k in cache.k)  # (B, H, D, S)
+    assert all(v.shape == (3, 4, 10, 8) for v in cache.v)  # (B, H, S, D)
+    assert cache.k[0].dtype == jnp.float32 and cache.length == 10
     assert int(cache.index) == 0 and cache.offset.tolist() == [0, 0, 0]
-    assert init_cache(TINY.replace(dtype="bfloat16"), 1, 4).k.dtype == jnp.bfloat16
+    scanned = init_cache(TINY.replace(scan_layers=True), batch_size=3, length=10)  # stacked
+    assert scanned.k.shape == (2, 3, 4, 8, 10) and scanned.v.shape == (2, 3, 4, 10, 8)
+    assert scanned.length == 10
+    assert init_cache(TINY.replace(dtype="bfloat16"), 1, 4).k[0].dtype == jnp.bfloat16
     assert init_cache(TINY, 2, 4, offset=[0, 3]).offset.tolist() == [0, 3]
 
 
@@ -462,6 +467,14 @@ def test_left_padded_row_equals_the_row_alone(tiny_params, attention):
     alone = _logits(TINY, tiny_params, short_row)[0]  # (T - pad, V)
     np.testing.assert_allclose(cached[1, pad:], alone, rtol=1e-5, atol=1e-5)
     assert np.all(np.isfinite(cached))
+
+
+def test_cache_layout_must_match_scan_layers(tiny_params):
+    ids = jnp.zeros((1, 2), jnp.int32)
+    with pytest.raises(ValueError, match="scan_layers=False"):
+        GPTModel(TINY).apply(
+            {"params": tiny_params}, ids, cache=init_cache(TINY.replace(scan_layers=True), 1, 8)
+        )
 
 
 def test_cache_rejects_overflowing_context(tiny_params):
