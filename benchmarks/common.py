@@ -1,0 +1,199 @@
+"""Shared helpers for flaxgpt benchmarks: timing, memory, a bandwidth probe, machine facts, output.
+
+Every benchmark script should:
+  * time with :func:`time_calls` (one warm-up call, then the median of ``repeats`` calls),
+  * run each contender in its own process with :func:`run_isolated` so that peak RSS and thread pools
+    are its own (:func:`peak_rss_mb` read at the end of that process),
+  * write its results with :func:`write_results` (JSON + a markdown table beside it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Timing:
+    """Wall-clock seconds of one first call and ``repeats`` further calls."""
+
+    first_s: float
+    runs_s: list[float]
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.runs_s)
+
+    @property
+    def min_s(self) -> float:
+        return min(self.runs_s)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"first_s": self.first_s, "median_s": self.median_s, "min_s": self.min_s, "runs_s": self.runs_s}
+
+
+def time_calls(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> Timing:
+    """Times ``fn()`` (which must block until its result is ready, e.g. by converting to numpy).
+
+    Args:
+      fn: the call to time.
+      repeats: timed calls after the warm-up.
+      warmup: untimed calls after the first one (the first call, which includes any compilation, is
+        timed separately as ``first_s``).
+
+    Returns:
+      A :class:`Timing`.
+    """
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    for _ in range(max(warmup - 1, 0)):
+        fn()
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - t0)
+    return Timing(first, runs)
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def memory_bandwidth_gbs(nbytes: int = 512 * 2**20, repeats: int = 7, threads: int | None = None) -> dict[str, Any]:
+    """Measures read bandwidth from DRAM: the best of two streaming reads of an ``nbytes`` float32 array
+    (far larger than any cache), each the median of ``repeats`` passes after one warm-up.
+
+    * ``dot``: a BLAS dot product of one contiguous chunk per thread with itself (numpy releases the
+      GIL; ``np.add.reduce`` would be compute-bound, not memory-bound).
+    * ``gemv``: a matrix-vector product over the whole array (the BLAS threads itself; the access
+      pattern of a batch-1 decode step).
+
+    Args:
+      nbytes: bytes to stream per pass.
+      repeats: timed passes per method.
+      threads: threads for ``dot`` (default: the CPUs this process may use).
+
+    Returns:
+      ``{"gbs": best GB/s (1e9 bytes/s), "method": its name, "by_method": {name: GB/s}, "bytes": nbytes}``.
+    """
+    threads = threads or usable_cores()
+    a = np.ones(nbytes // 4, np.float32)
+    chunks = np.array_split(a, threads)
+    matrix = a.reshape(-1, 1024)  # (N, 1024)
+    vector = np.ones(1024, np.float32)
+    with ThreadPoolExecutor(threads) as pool:
+        methods = {
+            "dot": lambda: list(pool.map(np.dot, chunks, chunks)),
+            "gemv": lambda: matrix @ vector,
+        }
+        by_method = {name: a.nbytes / time_calls(fn, repeats).median_s / 1e9 for name, fn in methods.items()}
+    best = max(by_method, key=by_method.get)
+    return {"gbs": by_method[best], "method": best, "by_method": by_method, "bytes": a.nbytes}
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, usable cores, load average and library versions, for the results header."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": model,
+        "cores": usable_cores(),
+        "python": platform.python_version(),
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    for lib in ("jax", "flax", "numpy", "torch", "transformers"):
+        try:
+            info[lib] = __import__(lib).__version__
+        except ImportError:
+            info[lib] = None
+    return info
+
+
+def run_isolated(argv: Sequence[str], timeout_s: float | None = None) -> dict[str, Any]:
+    """Runs ``python *argv --result-json PATH`` in a fresh process and returns the JSON it wrote.
+
+    The child must write a JSON object to the path given after ``--result-json``.
+
+    Args:
+      argv: script path and arguments.
+      timeout_s: kill the child after this many seconds.
+
+    Returns:
+      The child's JSON object.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "result.json"
+        cmd = [sys.executable, *argv, "--result-json", str(path)]
+        proc = subprocess.run(cmd, timeout=timeout_s, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+    """A GitHub markdown table.
+
+    Args:
+      rows: one dict per row.
+      columns: ``(key, header)`` pairs; floats print with 3 significant digits (at least one decimal).
+
+    Returns:
+      The table text.
+    """
+
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.1f}" if abs(v) >= 100 else f"{v:.3g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(path: str | Path, data: dict[str, Any], markdown: str) -> tuple[Path, Path]:
+    """Writes ``data`` as JSON to ``path`` and ``markdown`` to the same path with a ``.md`` suffix.
+
+    Returns:
+      The two paths written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    md = path.with_suffix(".md")
+    md.write_text(markdown.rstrip() + "\n", encoding="utf-8")
+    return path, md
