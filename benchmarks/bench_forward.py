@@ -205,10 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": ratios,
         "rows": rows,
     }
-    json_path, md_path = common.write_results(args.out, data, header + "\n\n" + table)
-    print(header)
-    print(table)
-    print(f"wrote {json_path} and {md_path}")
+    common.publish(args.out, data, header + "\n\n" + table)
     return 0
 
 

@@ -260,10 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "ratios": ratios,
     }
-    json_path, md_path = common.write_results(args.out, data, markdown)
     print()
-    print(markdown)
-    print(f"\nwrote {json_path} and {md_path}")
+    common.publish(args.out, data, markdown)
     return 0
 
 

@@ -137,10 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "rows": rows,
     }
-    json_path, md_path = common.write_results(args.out, data, header + "\n\n" + table)
-    print(header)
-    print(table)
-    print(f"wrote {json_path} and {md_path}")
+    common.publish(args.out, data, header + "\n\n" + table)
     return 0
 
 

@@ -164,10 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"Train step, GPT-2 124M shapes, B{BATCH} x T{SEQ}, AdamW, dropout {DROP}, float32. "
               f"{m['cpu']}, {m['cores']} cores, load {m['load_avg_1m']:.1f}; jax {m['jax']}, torch {m['torch']}.")
     table = common.markdown_table(rows, columns)
-    json_path, md_path = common.write_results(args.out, data, header + "\n\n" + table)
-    print(header)
-    print(table)
-    print(f"wrote {json_path} and {md_path}")
+    common.publish(args.out, data, header + "\n\n" + table)
     return 0
 
 

@@ -197,3 +197,10 @@ def write_results(path: str | Path, data: dict[str, Any], markdown: str) -> tupl
     md = path.with_suffix(".md")
     md.write_text(markdown.rstrip() + "\n", encoding="utf-8")
     return path, md
+
+
+def publish(path: str | Path, data: dict[str, Any], markdown: str) -> None:
+    """Writes the results (see :func:`write_results`) and prints the markdown and where it went."""
+    json_path, md_path = write_results(path, data, markdown)
+    print(markdown)
+    print(f"wrote {json_path} and {md_path}")
