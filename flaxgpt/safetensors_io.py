@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import IO, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -155,26 +155,17 @@ def write_safetensors(
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)  # pad the header to 8 bytes, as the reference writer does
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(len(blob).to_bytes(8, "little"))
-            f.write(blob)
-            for t in tensors:
-                arr = np.ascontiguousarray(t.read())
-                if arr.shape != tuple(t.shape) or arr.dtype != t.dtype:
-                    raise ValueError(
-                        f"tensor {t.name!r} is {arr.dtype}{arr.shape}, declared {t.dtype}{tuple(t.shape)}"
-                    )
-                arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False).reshape(-1)
-                f.write(arr.view(np.uint8).data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for t in tensors:
+            arr = np.ascontiguousarray(t.read())
+            if arr.shape != tuple(t.shape) or arr.dtype != t.dtype:
+                raise ValueError(
+                    f"tensor {t.name!r} is {arr.dtype}{arr.shape}, declared {t.dtype}{tuple(t.shape)}"
+                )
+            arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False).reshape(-1)
+            f.write(arr.view(np.uint8).data)
     return path
 
 
@@ -185,6 +176,33 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
+    """Opens a temporary file beside ``path``; on success it is fsynced and renamed over ``path`` and
+    the folder fsynced, on any error it is removed. Readers never see a half-written ``path``.
+
+    Args:
+      path: the destination file.
+      mode: "wb" or "w" (UTF-8 text).
+
+    Yields:
+      The open temporary file.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
@@ -198,17 +216,7 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
       The destination as a Path.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+    with atomic_file(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
     return path
