@@ -110,14 +110,7 @@ def run_hf(repeats: int, warmup: int, threads: int) -> dict[str, Any]:
             model(input_ids=ids, use_cache=False).logits  # (B, T, V)
 
     timing = common.time_calls(call, repeats=repeats, warmup=warmup + 1)  # first call + `warmup` more
-    return {
-        "params": sum(p.numel() for p in model.parameters()),
-        "compile_s": None,
-        "timing": timing.to_dict(),
-        "peak_rss_mb": common.peak_rss_mb(),
-        "attn_implementation": getattr(model.config, "_attn_implementation", None),
-        "torch_threads": torch.get_num_threads(),
-    }
+    return common.torch_result(model, timing)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,11 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1 or args.warmup < 0:
         p.error(f"need --repeats >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
     try:
-        threads = [common.usable_cores() if t.strip() == "all" else int(t) for t in args.torch_threads.split(",")]
+        threads = common.parse_thread_counts(args.torch_threads)
     except ValueError:
-        p.error(f"--torch-threads must be comma-separated integers or 'all', got {args.torch_threads!r}")
-    if any(t < 1 for t in threads):
-        p.error(f"--torch-threads must be >= 1, got {args.torch_threads!r}")
+        p.error(f"--torch-threads must be comma-separated integers >= 1 or 'all', got {args.torch_threads!r}")
 
     if args.contender:
         if args.contender == "hf":
@@ -161,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = [(name, name, "0") for name in CONTENDERS[:2] if name not in args.skip]
     if "hf" not in args.skip:
-        runs += [(f"hf_t{n}", "hf", str(n)) for n in dict.fromkeys(threads)]
+        runs += [(f"hf_t{n}", "hf", str(n)) for n in threads]
     results: dict[str, Any] = {}
     script = str(Path(__file__).resolve())
     for key, name, n in runs:

@@ -185,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = [(name, name, []) for name in ("flaxgpt", "book") if name not in skip]
     if "hf" not in skip:
-        counts = [common.usable_cores() if t.strip() == "all" else int(t) for t in args.torch_threads.split(",")]
-        runs += [(f"hf_t{n}", "hf", ["--torch-threads", str(n)]) for n in dict.fromkeys(counts)]
+        counts = common.parse_thread_counts(args.torch_threads)
+        runs += [(f"hf_t{n}", "hf", ["--torch-threads", str(n)]) for n in counts]
     results: dict[str, Any] = {}
     for key, name, extra in runs:
         print(f"running {key} ...", flush=True)

@@ -100,14 +100,7 @@ def run_hf(repeats: int, warmup: int) -> dict[str, Any]:
         loss.item()
 
     timing = common.time_calls(step, repeats=repeats, warmup=warmup + 1)
-    return {
-        "params": sum(p.numel() for p in model.parameters()),
-        "compile_s": None,
-        "timing": timing.to_dict(),
-        "peak_rss_mb": common.peak_rss_mb(),
-        "attn_implementation": getattr(model.config, "_attn_implementation", None),
-        "torch_threads": torch.get_num_threads(),
-    }
+    return common.torch_result(model, timing)
 
 
 def _child(name: str, repeats: int, warmup: int) -> dict[str, Any]:

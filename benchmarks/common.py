@@ -204,3 +204,31 @@ def publish(path: str | Path, data: dict[str, Any], markdown: str) -> None:
     json_path, md_path = write_results(path, data, markdown)
     print(markdown)
     print(f"wrote {json_path} and {md_path}")
+
+
+def parse_thread_counts(spec: str) -> list[int]:
+    """Parses ``--torch-threads`` ("all,1" -> [usable cores, 1]); duplicates dropped, order kept.
+
+    Raises:
+      ValueError: an entry is neither an integer >= 1 nor "all".
+    """
+    counts = [usable_cores() if t.strip() == "all" else int(t) for t in spec.split(",")]
+    if any(n < 1 for n in counts):
+        raise ValueError(f"thread counts must be >= 1, got {spec!r}")
+    return list(dict.fromkeys(counts))
+
+
+def torch_result(model: Any, timing: Timing, **extra: Any) -> dict[str, Any]:
+    """The result record of a PyTorch contender: parameter count, timings, peak RSS, attention
+    implementation and torch's thread count (PyTorch has no compile step)."""
+    import torch
+
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "compile_s": None,
+        "timing": timing.to_dict(),
+        "peak_rss_mb": peak_rss_mb(),
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "torch_threads": torch.get_num_threads(),
+        **extra,
+    }

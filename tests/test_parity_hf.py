@@ -55,6 +55,14 @@ def hf_logits(model, idx: np.ndarray) -> np.ndarray:
         return model(torch.as_tensor(idx)).logits.numpy()
 
 
+def tiny_config(tie: bool, qkv_bias: bool, scan: bool = False) -> GPTConfig:
+    """The flaxgpt config matching `hf_model(tie, qkv_bias)`."""
+    return GPTConfig(
+        vocab_size=V, context_length=CTX, emb_dim=C, n_heads=H, n_layers=L,
+        qkv_bias=qkv_bias, tie_embeddings=tie, scan_layers=scan,
+    )
+
+
 @pytest.mark.parametrize(
     "tie, qkv_bias, scan",
     [
@@ -68,16 +76,7 @@ def hf_logits(model, idx: np.ndarray) -> np.ndarray:
 def test_hf_weights_give_hf_logits(tie, qkv_bias, scan):
     model = hf_model(tie, qkv_bias)
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    cfg = GPTConfig(
-        vocab_size=V,
-        context_length=CTX,
-        emb_dim=C,
-        n_heads=H,
-        n_layers=L,
-        qkv_bias=qkv_bias,
-        tie_embeddings=tie,
-        scan_layers=scan,
-    )
+    cfg = tiny_config(tie, qkv_bias, scan)
     params = params_from_hf(sd, cfg)
     idx = ids()
     np.testing.assert_allclose(
@@ -87,15 +86,7 @@ def test_hf_weights_give_hf_logits(tie, qkv_bias, scan):
 
 @pytest.mark.parametrize("tie, qkv_bias", [(True, False), (False, True)])
 def test_exported_weights_give_flaxgpt_logits_in_hf(tie, qkv_bias):
-    cfg = GPTConfig(
-        vocab_size=V,
-        context_length=CTX,
-        emb_dim=C,
-        n_heads=H,
-        n_layers=L,
-        qkv_bias=qkv_bias,
-        tie_embeddings=tie,
-    )
+    cfg = tiny_config(tie, qkv_bias)
     # flaxgpt params from a different random HF model, so that no weight is at its init value
     params = params_from_hf(
         {k: v.numpy() for k, v in hf_model(tie, qkv_bias, seed=1).state_dict().items()}, cfg
