@@ -27,10 +27,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
-
 import common  # noqa: E402
 import flops  # noqa: E402
+import numpy as np  # noqa: E402
 
 BATCH, SEQ = 8, 256
 CONTENDERS = ("flaxgpt", "flaxgpt-scan", "hf")
@@ -57,7 +56,8 @@ def run_flaxgpt(repeats: int, warmup: int, scan: bool) -> dict[str, Any]:
     """Times :func:`flaxgpt.model.forward` in this process."""
     import jax
 
-    from flaxgpt.model import GPTModel, count_params, forward, init_params
+    from flaxgpt.nn.model import GPTModel, forward
+    from flaxgpt.nn.params import count_params, init_params
 
     cfg = _config(scan)
     model, params = GPTModel(cfg), init_params(cfg, jax.random.key(0))
@@ -107,7 +107,7 @@ def run_hf(repeats: int, warmup: int, threads: int) -> dict[str, Any]:
 
     def call() -> None:
         with torch.inference_mode():
-            model(input_ids=ids, use_cache=False).logits  # (B, T, V)
+            _ = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
 
     timing = common.time_calls(call, repeats=repeats, warmup=warmup + 1)  # first call + `warmup` more
     return common.torch_result(model, timing)

@@ -22,9 +22,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
-
 import common  # noqa: E402
+import numpy as np  # noqa: E402
 
 PROMPT = [15496, 11, 314, 716]  # "Hello, I am" (the book's example), GPT-2 BPE ids
 CONTENDERS = ("flaxgpt", "book", "hf")
@@ -65,8 +64,10 @@ def run_jax(which: str, new_tokens: int, repeats: int) -> dict[str, Any]:
     """Times flaxgpt's ``generate`` or the book's ``generate_text_simple`` in this process."""
     import jax
 
-    from flaxgpt.generate import generate
-    from flaxgpt.model import GPTModel, generate_text_simple, init_params
+    from flaxgpt.book.generate import generate_text_simple
+    from flaxgpt.generation.decode import generate
+    from flaxgpt.nn.model import GPTModel
+    from flaxgpt.nn.params import init_params
 
     cfg = _gpt2_config()
     model, params = GPTModel(cfg), init_params(cfg, jax.random.key(0))
@@ -139,7 +140,7 @@ def run_hf(new_tokens: int, repeats: int, threads: int) -> dict[str, Any]:
 def weight_bytes_per_token() -> int:
     """Bytes a batch-1 decode step must read: every parameter once, except the position table, of which
     it reads one row (the tied token table is read whole, as the output head)."""
-    from flaxgpt.model import param_bytes, param_shapes
+    from flaxgpt.nn.params import param_bytes, param_shapes
 
     cfg = _gpt2_config()
     shapes = param_shapes(cfg)

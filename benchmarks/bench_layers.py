@@ -21,9 +21,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
-
 import common  # noqa: E402
+import numpy as np  # noqa: E402
 
 BATCH, SEQ, LR, WEIGHT_DECAY, DROP = 2, 256, 4e-4, 0.1, 0.1
 REMATS = ("none", "full", "dots")
@@ -42,9 +41,10 @@ def run_config(name: str, repeats: int, warmup: int) -> dict[str, Any]:
     import jax.numpy as jnp
 
     from flaxgpt.config import GPTConfig
-    from flaxgpt.model import GPTModel, init_params
-    from flaxgpt.optim import make_optimizer
-    from flaxgpt.train import create_train_state, train_step
+    from flaxgpt.nn.model import GPTModel
+    from flaxgpt.nn.params import init_params
+    from flaxgpt.training.optim import make_optimizer
+    from flaxgpt.training.state import create_train_state, train_step
 
     scan, remat = _parse(name)
     cfg = GPTConfig.preset(
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
     base = results.get("unrolled-none")
     rows = []
-    for name, r in results.items():
+    for r in results.values():
         row = {"layout": "scan" if r["scan_layers"] else "unrolled", "remat": r["remat"],
                "lower_s": r["lower_s"], "xla_s": r["xla_compile_s"], "compile_s": r["compile_s"],
                "first_s": r["timing"]["first_s"], "step_s": r["timing"]["median_s"],

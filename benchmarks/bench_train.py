@@ -22,9 +22,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
-
 import common  # noqa: E402
+import numpy as np  # noqa: E402
 
 BATCH, SEQ, LR, WEIGHT_DECAY, DROP = 2, 256, 4e-4, 0.1, 0.1
 CONTENDERS = ("flaxgpt", "flaxgpt-scan", "hf")
@@ -46,9 +45,10 @@ def run_flaxgpt(repeats: int, warmup: int, scan: bool) -> dict[str, Any]:
     import jax.numpy as jnp
 
     from flaxgpt.config import GPTConfig
-    from flaxgpt.model import GPTModel, count_params, init_params
-    from flaxgpt.optim import make_optimizer
-    from flaxgpt.train import create_train_state, train_step
+    from flaxgpt.nn.model import GPTModel
+    from flaxgpt.nn.params import count_params, init_params
+    from flaxgpt.training.optim import make_optimizer
+    from flaxgpt.training.state import create_train_state, train_step
 
     cfg = GPTConfig.preset(
         "gpt2-small", context_length=SEQ, qkv_bias=True, tie_embeddings=True, drop_rate=DROP, scan_layers=scan

@@ -13,13 +13,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxgpt.data import create_dataloader, load_text
-from flaxgpt.tokenizer import (
-    SimpleTokenizerV1,
-    SimpleTokenizerV2,
-    build_vocab,
-    gpt2_tokenizer,
-)
+from flaxgpt.data.windows import create_dataloader
+from flaxgpt.text.bpe import gpt2_tokenizer
+from flaxgpt.text.corpora import load_text
+from flaxgpt.text.tokenizers import SimpleTokenizerV1, SimpleTokenizerV2, build_vocab
 
 
 def main() -> None:

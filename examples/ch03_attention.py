@@ -14,15 +14,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxgpt.attention import (
+from flaxgpt.book.attention import (
     CausalAttention,
-    MultiHeadAttention,
     MultiHeadAttentionWrapper,
     SelfAttentionV1,
     SelfAttentionV2,
     simple_self_attention,
 )
-from flaxgpt.model import count_params
+from flaxgpt.nn.attention import MultiHeadAttention
+from flaxgpt.nn.params import count_params
 
 np.set_printoptions(precision=4, suppress=True)
 

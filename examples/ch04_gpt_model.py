@@ -17,17 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxgpt.book.generate import generate_text_simple
+from flaxgpt.book.shortcut import ExampleDeepNeuralNetwork
 from flaxgpt.config import GPT_CONFIG_124M, GPTConfig
-from flaxgpt.layers import GELU, ExampleDeepNeuralNetwork, FeedForward, LayerNorm, TransformerBlock
-from flaxgpt.model import (
-    GPTModel,
-    count_params,
-    generate_text_simple,
-    init_params,
-    param_bytes,
-    param_shapes,
-)
-from flaxgpt.tokenizer import gpt2_tokenizer, text_to_token_ids, token_ids_to_text
+from flaxgpt.nn.layers import GELU, FeedForward, LayerNorm, TransformerBlock
+from flaxgpt.nn.model import GPTModel
+from flaxgpt.nn.params import count_params, init_params, param_bytes, param_shapes
+from flaxgpt.text.bpe import gpt2_tokenizer
+from flaxgpt.text.tokenizers import text_to_token_ids, token_ids_to_text
 
 np.set_printoptions(precision=4, suppress=True)
 

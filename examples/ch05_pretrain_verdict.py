@@ -24,12 +24,16 @@ import time
 import jax
 
 from flaxgpt.config import GPTConfig
-from flaxgpt.data import DataLoader, load_text, train_val_split
-from flaxgpt.model import GPTModel, count_params, init_params
-from flaxgpt.optim import make_optimizer
-from flaxgpt.plotting import plot_losses
-from flaxgpt.tokenizer import gpt2_tokenizer, text_to_token_ids
-from flaxgpt.train import create_train_state, fit, greedy_sample
+from flaxgpt.data.windows import DataLoader, train_val_split
+from flaxgpt.nn.model import GPTModel
+from flaxgpt.nn.params import count_params, init_params
+from flaxgpt.text.bpe import gpt2_tokenizer
+from flaxgpt.text.corpora import load_text
+from flaxgpt.text.tokenizers import text_to_token_ids
+from flaxgpt.training.loop import fit, greedy_sample
+from flaxgpt.training.optim import make_optimizer
+from flaxgpt.training.plotting import plot_losses
+from flaxgpt.training.state import create_train_state
 
 BOOK_FIRST_EVAL = (9.781, 9.933)
 

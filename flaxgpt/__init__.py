@@ -1,54 +1,51 @@
 """flaxgpt: the GPT family from first principles in JAX/Flax linen.
 
 The public API, grouped as the book's chapters go. Everything else lives in the submodules
-(``flaxgpt.attention`` for the chapter-3 teaching modules, ``flaxgpt.sharding``, ...).
+(``flaxgpt.nn.attention`` for the chapter-3 teaching modules, ``flaxgpt.sharding``, ...).
 """
 
 __version__ = "0.1.0"
 
 # Configuration.
+from flaxgpt.book.generate import generate_text_simple
 from flaxgpt.config import GPT_CONFIG_124M, PRESETS, GPTConfig
-
-# Chapter 2: text data.
-from flaxgpt.tokenizer import (
-    SimpleTokenizerV1,
-    SimpleTokenizerV2,
-    build_vocab,
-    gpt2_tokenizer,
-    text_to_token_ids,
-    token_ids_to_text,
-)
-from flaxgpt.data import DataLoader, GPTDataset, create_dataloader, load_text, train_val_split
-
-# Chapters 3-4: attention and the model.
-from flaxgpt.attention import MultiHeadAttention
-from flaxgpt.layers import GELU, FeedForward, LayerNorm, TransformerBlock
-from flaxgpt.model import (
-    GPTModel,
-    count_params,
-    generate_text_simple,
-    init_params,
-    param_bytes,
-    param_shapes,
-)
-from flaxgpt.kv_cache import KVCache, init_cache
+from flaxgpt.data.windows import DataLoader, GPTDataset, create_dataloader, train_val_split
 
 # Generation.
-from flaxgpt.generate import generate
-
-# Chapter 5: pretraining.
-from flaxgpt.losses import cross_entropy_loss, perplexity
-from flaxgpt.optim import make_optimizer
-from flaxgpt.train import TrainState, create_train_state, evaluate, fit, train_step
-from flaxgpt.checkpoint import latest_checkpoint, load_model_from_checkpoint, restore_checkpoint, save_checkpoint
+from flaxgpt.generation.decode import generate
+from flaxgpt.io.book import params_from_book, params_to_book
+from flaxgpt.io.checkpoint import latest_checkpoint, load_model_from_checkpoint, restore_checkpoint, save_checkpoint
 
 # GPT-2 weights.
-from flaxgpt.weights import params_from_hf, params_to_hf
-from flaxgpt.book_weights import params_from_book, params_to_book
-from flaxgpt.pretrained import load_book, load_pretrained, save_book, save_pretrained
+from flaxgpt.io.hf import params_from_hf, params_to_hf
+from flaxgpt.io.pretrained import load_book, load_pretrained, save_book, save_pretrained
+
+# Chapters 3-4: attention and the model.
+from flaxgpt.nn.attention import MultiHeadAttention
+from flaxgpt.nn.kv_cache import KVCache, init_cache
+from flaxgpt.nn.layers import GELU, FeedForward, LayerNorm, TransformerBlock
+from flaxgpt.nn.model import GPTModel
+from flaxgpt.nn.params import count_params, init_params, param_bytes, param_shapes
 
 # Scale.
 from flaxgpt.sharding import make_mesh, shard_batch, shard_params, shard_train_state
+from flaxgpt.text.bpe import gpt2_tokenizer
+from flaxgpt.text.corpora import load_text
+
+# Chapter 2: text data.
+from flaxgpt.text.tokenizers import (
+    SimpleTokenizerV1,
+    SimpleTokenizerV2,
+    build_vocab,
+    text_to_token_ids,
+    token_ids_to_text,
+)
+from flaxgpt.training.loop import evaluate, fit
+
+# Chapter 5: pretraining.
+from flaxgpt.training.losses import cross_entropy_loss, perplexity
+from flaxgpt.training.optim import make_optimizer
+from flaxgpt.training.state import TrainState, create_train_state, train_step
 
 __all__ = [
     "__version__",

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -108,7 +109,7 @@ class GPTConfig:
         """``param_dtype`` as a JAX dtype."""
         return _DTYPES[self.param_dtype]
 
-    def replace(self, **changes: Any) -> "GPTConfig":
+    def replace(self, **changes: Any) -> GPTConfig:
         """Returns a copy with ``changes`` applied (and validated)."""
         return dataclasses.replace(self, **changes)
 
@@ -117,7 +118,7 @@ class GPTConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "GPTConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> GPTConfig:
         """Builds a config from ``to_dict`` output; unknown keys are an error.
 
         Args:
@@ -133,7 +134,7 @@ class GPTConfig:
         return cls(**dict(d))
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "GPTConfig":
+    def preset(cls, name: str, **overrides: Any) -> GPTConfig:
         """Returns a named GPT-2 size with the book's defaults, then ``overrides``.
 
         Args:

@@ -24,11 +24,13 @@ Typical use::
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES: tuple[str, str] = ("data", "fsdp")
 BATCH_AXES: tuple[str, str] = ("data", "fsdp")  # the batch dimension is split over both
@@ -221,7 +223,7 @@ def init_sharded_params(cfg: Any, key: jax.Array, mesh: Mesh) -> PyTree:
     Returns:
       The params tree, equal to ``init_params(cfg, key)``, sharded like :func:`shard_params`.
     """
-    from flaxgpt.model import init_params, param_shapes
+    from flaxgpt.nn.params import init_params, param_shapes
 
     shardings = param_shardings(param_shapes(cfg), mesh)
     return jax.jit(init_params, static_argnums=0, out_shardings=shardings)(cfg, key)
@@ -448,7 +450,7 @@ def fit_placement(
     Raises:
       ValueError: as :func:`check_mesh`.
     """
-    from flaxgpt.train import train_step
+    from flaxgpt.training.state import train_step
 
     check_mesh(mesh_spec, batch_size)
     mesh = make_mesh(mesh_spec)

@@ -15,10 +15,10 @@ import numpy as np
 import optax
 
 from flaxgpt.config import GPTConfig
-from flaxgpt.data import DataLoader
-from flaxgpt.generate import generate
-from flaxgpt.model import GPTModel, convert_layout, init_params
-from flaxgpt.optim import make_optimizer
+from flaxgpt.data.windows import DataLoader
+from flaxgpt.generation.decode import generate
+from flaxgpt.nn.model import GPTModel
+from flaxgpt.nn.params import convert_layout, init_params
 from flaxgpt.sharding import (
     fit_placement,
     make_mesh,
@@ -27,7 +27,9 @@ from flaxgpt.sharding import (
     shard_train_state,
     sharded_train_step,
 )
-from flaxgpt.train import TrainState, create_train_state, fit, train_step
+from flaxgpt.training.loop import fit
+from flaxgpt.training.optim import make_optimizer
+from flaxgpt.training.state import TrainState, create_train_state, train_step
 
 # 98 tokens: a vocabulary that does not split 4 or 8 ways, like GPT-2's 50,257.
 CFG = GPTConfig(

@@ -39,6 +39,6 @@ def verdict_text() -> str:
 @pytest.fixture(scope="session")
 def gpt2_tok(gpt2_bpe_dir: Path) -> tiktoken.Encoding:
     """The GPT-2 tiktoken encoding built from $FLAXGPT_GPT2_BPE_DIR."""
-    from flaxgpt.tokenizer import gpt2_tokenizer
+    from flaxgpt.text.bpe import gpt2_tokenizer
 
     return gpt2_tokenizer(gpt2_bpe_dir)

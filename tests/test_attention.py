@@ -10,15 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxgpt.attention import (
+from flaxgpt.book.attention import (
     CausalAttention,
-    MultiHeadAttention,
     MultiHeadAttentionWrapper,
     SelfAttentionV1,
     SelfAttentionV2,
-    causal_mask,
     simple_self_attention,
 )
+from flaxgpt.nn.attention import MultiHeadAttention, causal_mask
 
 # Section 3.3: "Your journey starts with one step", one 3-d embedding per word.
 INPUTS = jnp.array(

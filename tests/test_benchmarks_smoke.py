@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from flaxgpt.config import GPTConfig
-from flaxgpt.model import param_shapes
+from flaxgpt.nn.params import param_shapes
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "flops.py"
 

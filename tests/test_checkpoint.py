@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxgpt.checkpoint import (
+from flaxgpt.config import GPTConfig
+from flaxgpt.io.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     list_checkpoints,
@@ -21,10 +22,10 @@ from flaxgpt.checkpoint import (
     restore_checkpoint,
     save_checkpoint,
 )
-from flaxgpt.config import GPTConfig
-from flaxgpt.model import GPTModel, init_params
-from flaxgpt.optim import make_optimizer
-from flaxgpt.train import create_train_state
+from flaxgpt.nn.model import GPTModel
+from flaxgpt.nn.params import init_params
+from flaxgpt.training.optim import make_optimizer
+from flaxgpt.training.state import create_train_state
 
 CFG = GPTConfig(vocab_size=61, context_length=8, emb_dim=16, n_heads=2, n_layers=2)
 PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
@@ -114,7 +115,7 @@ def test_corrupt_newest_falls_back_with_warning(tmp_path, caplog):
     data = bytearray((newest / "state.safetensors").read_bytes())
     data[-1] ^= 0xFF
     (newest / "state.safetensors").write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="flaxgpt.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="flaxgpt.io.checkpoint"):
         restored, meta = restore_checkpoint(tmp_path, _state())
     assert meta["step"] == 1 and _equal_trees(restored, good)
     assert any("step_00000002" in r.getMessage() and "corrupt" in r.getMessage() for r in caplog.records)
@@ -150,7 +151,7 @@ def test_meta_is_plain_json_and_nothing_is_pickled(tmp_path):
     for f in Path(tmp_path).rglob("*"):
         if f.is_file():
             assert f.suffix not in (".pkl", ".pickle", ".npy", ".npz")
-            assert not f.read_bytes()[:2] in PICKLE_MAGIC
+            assert f.read_bytes()[:2] not in PICKLE_MAGIC
 
 
 def test_bad_arguments(tmp_path):

@@ -11,8 +11,8 @@ import pytest
 
 from flaxgpt.cli import main
 from flaxgpt.config import GPTConfig
-from flaxgpt.model import count_params, param_shapes
-from flaxgpt.pretrained import load_book, load_pretrained, save_pretrained
+from flaxgpt.io.pretrained import load_book, load_pretrained, save_pretrained
+from flaxgpt.nn.params import count_params, param_shapes
 
 PROMPT = "Every effort moves you"
 TINY = GPTConfig(
@@ -87,7 +87,7 @@ def test_greedy_generate_matches_transformers(hf_gpt2_dir, gpt2_tok, capsys):
 
 
 def test_sampling_is_reproducible_and_checkpoints_generate_too(hf_gpt2_dir, gpt2_tok, capsys, tmp_path):
-    from flaxgpt.checkpoint import save_checkpoint
+    from flaxgpt.io.checkpoint import save_checkpoint
 
     folder, _ = hf_gpt2_dir
     args = [
@@ -157,7 +157,7 @@ def test_convert_between_formats_and_info(capsys, tmp_path):
 
 
 def test_convert_a_training_checkpoint(capsys, tmp_path):
-    from flaxgpt.checkpoint import save_checkpoint
+    from flaxgpt.io.checkpoint import save_checkpoint
 
     cfg = TINY.replace(scan_layers=True)
     params = jax.tree.map(jnp.asarray, random_params(cfg))

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from flaxgpt.checkpoint import list_checkpoints, load_model_from_checkpoint
 from flaxgpt.cli import main
-from flaxgpt.metrics import read_metrics
+from flaxgpt.io.checkpoint import list_checkpoints, load_model_from_checkpoint
+from flaxgpt.training.metrics import read_metrics
 
 TINY = ["--emb-dim", "16", "--n-layers", "1", "--n-heads", "2", "--context-length", "8", "--batch-size", "2"]
 PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
@@ -161,7 +161,7 @@ def test_auto_tokenizer_falls_back_to_bytes_offline_and_generate_uses_it(tmp_pat
     records the tokenizer in its checkpoint, and `flaxgpt generate --checkpoint` decodes with it."""
     import tiktoken
 
-    import flaxgpt.tokenizer as tokenizer_module
+    import flaxgpt.text.tokenizers as tokenizer_module
 
     monkeypatch.delenv("FLAXGPT_GPT2_BPE_DIR")
 

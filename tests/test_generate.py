@@ -1,25 +1,22 @@
-"""flaxgpt.generate: KV-cache generation in one compiled while loop, checked against the book's loop,
+"""flaxgpt.generation.decode: KV-cache generation in one compiled while loop, checked against the book's loop,
 the full forward pass and Hugging Face's GPT-2."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import jax
 import numpy as np
 import pytest
 
+from flaxgpt.book.generate import generate_text_simple
 from flaxgpt.config import GPTConfig
-from flaxgpt.generate import (
-    decode_step,
-    generate,
-    left_pad,
-    new_tokens_bucket,
-    prompt_bucket,
-)
-from flaxgpt.kv_cache import init_cache
-from flaxgpt.model import GPTModel, convert_layout, forward, generate_text_simple, init_params
+from flaxgpt.generation.buckets import new_tokens_bucket, prompt_bucket
+from flaxgpt.generation.decode import decode_step, generate, left_pad
+from flaxgpt.nn.kv_cache import init_cache
+from flaxgpt.nn.model import GPTModel, forward
+from flaxgpt.nn.params import convert_layout, init_params
 
 CFG = GPTConfig(vocab_size=97, context_length=64, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
 RAGGED = [[5, 17, 42, 9, 3], [11, 2], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
@@ -264,7 +261,7 @@ def test_prompt_plus_new_tokens_may_fill_the_context(model, params):
 def test_greedy_matches_hugging_face_generate():
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from flaxgpt.weights import params_from_hf
+    from flaxgpt.io.hf import params_from_hf
 
     torch.manual_seed(0)
     hf_cfg = transformers.GPT2Config(

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flaxgpt.book.shortcut import ExampleDeepNeuralNetwork
 from flaxgpt.config import GPTConfig
-from flaxgpt.layers import GELU, ExampleDeepNeuralNetwork, FeedForward, LayerNorm, TransformerBlock, gelu
+from flaxgpt.nn.layers import GELU, FeedForward, LayerNorm, TransformerBlock, gelu
 
 TINY = GPTConfig(vocab_size=64, context_length=8, emb_dim=16, n_heads=4, n_layers=2, drop_rate=0.1)
 
@@ -125,7 +126,7 @@ def test_transformer_block_structure_and_shape():
 
 
 def test_transformer_block_is_pre_ln_with_shortcuts():
-    from flaxgpt.attention import MultiHeadAttention
+    from flaxgpt.nn.attention import MultiHeadAttention
 
     cfg = TINY
     x = _rand(0, (2, 4, cfg.emb_dim))

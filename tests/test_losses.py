@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxgpt.losses import IGNORE_INDEX, cross_entropy_loss, perplexity
+from flaxgpt.training.losses import IGNORE_INDEX, cross_entropy_loss, perplexity
 
 
 def _reference(logits: np.ndarray, targets: np.ndarray, ignore_index: int = -100) -> float:

@@ -13,21 +13,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flaxgpt.book.generate import generate_text_simple
 from flaxgpt.config import GPT_CONFIG_124M, GPTConfig
-from flaxgpt.kv_cache import KVCache, init_cache
-from flaxgpt.model import (
-    GPTModel,
-    check_token_ids,
+from flaxgpt.nn.kv_cache import KVCache, init_cache
+from flaxgpt.nn.model import GPTModel, forward
+from flaxgpt.nn.params import (
     convert_layout,
     count_params,
-    forward,
-    generate_text_simple,
     init_params,
     param_bytes,
     param_shapes,
     stack_layers,
     unstack_layers,
 )
+from flaxgpt.validation import check_token_ids
 
 TINY = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.1)
 
@@ -568,7 +567,7 @@ def test_generate_text_simple_validates_inputs(tiny_params):
 def test_init_gpt2_small_needs_at_most_one_extra_copy_of_params():
     """Initialising gpt2-small is one compiled program whose scratch space stays below the size of the
     parameters themselves (the PRNG draws big tables in row blocks)."""
-    from flaxgpt.model import _init, param_bytes, param_shapes
+    from flaxgpt.nn.params import _init, param_bytes, param_shapes
 
     cfg = GPTConfig.preset("gpt2-small")
     compiled = _init.lower(cfg, jax.random.key(0)).compile()

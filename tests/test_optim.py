@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from flaxgpt.optim import decay_mask, make_optimizer, schedule
+from flaxgpt.training.optim import decay_mask, make_optimizer, schedule
 
 
 def _params():

@@ -14,10 +14,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 nn = torch.nn
 
-from flaxgpt.book_weights import params_from_book, params_to_book  # noqa: E402
 from flaxgpt.config import GPTConfig  # noqa: E402
-from flaxgpt.model import GPTModel, forward  # noqa: E402
-from flaxgpt.weights import params_from_hf, params_to_hf  # noqa: E402
+from flaxgpt.io.book import params_from_book, params_to_book  # noqa: E402
+from flaxgpt.io.hf import params_from_hf, params_to_hf  # noqa: E402
+from flaxgpt.nn.model import GPTModel, forward  # noqa: E402
 
 V, CTX, C, H, L = 97, 16, 32, 4, 2
 ATOL = 1e-4

@@ -15,20 +15,21 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from flaxgpt.book_weights import params_to_book
 from flaxgpt.config import GPTConfig
-from flaxgpt.model import GPTModel, forward, param_shapes, unstack_layers
-from flaxgpt.pretrained import (
+from flaxgpt.io.book import params_to_book
+from flaxgpt.io.hf import config_to_hf, params_to_hf
+from flaxgpt.io.hub import download
+from flaxgpt.io.pretrained import (
     describe,
     detect_format,
-    download,
     load_any,
     load_book,
     load_pretrained,
     save_book,
     save_pretrained,
 )
-from flaxgpt.weights import config_to_hf, params_to_hf
+from flaxgpt.nn.model import GPTModel, forward
+from flaxgpt.nn.params import param_shapes, unstack_layers
 
 TINY = dict(vocab_size=61, context_length=8, emb_dim=16, n_heads=4, n_layers=2, drop_rate=0.0)
 GPT2_TINY = GPTConfig(**TINY, qkv_bias=True, tie_embeddings=True, init="gpt2")
@@ -320,7 +321,7 @@ def test_book_file_loads_back_into_the_book_model(tmp_path):
 
 
 def test_load_any_reads_a_flaxgpt_checkpoint(tmp_path):
-    from flaxgpt.checkpoint import save_checkpoint
+    from flaxgpt.io.checkpoint import save_checkpoint
 
     cfg = GPTConfig(**TINY)
     params = jax.tree.map(jnp.asarray, random_params(cfg))

@@ -1,4 +1,4 @@
-"""flaxgpt.sampling: greedy, temperature, top-k and top-p as pure functions of traced settings."""
+"""flaxgpt.generation.sampling: greedy, temperature, top-k and top-p as pure functions of traced settings."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxgpt.sampling import (
+from flaxgpt.generation.sampling import (
     check_sampling,
     filter_logits,
     greedy,

@@ -17,10 +17,11 @@ import jax
 import numpy as np
 import optax
 import pytest
-from jax.sharding import AbstractMesh, PartitionSpec as P
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
 
 from flaxgpt.config import GPTConfig
-from flaxgpt.model import init_params, param_shapes, stack_layers
+from flaxgpt.nn.params import init_params, param_shapes, stack_layers
 from flaxgpt.sharding import (
     batch_sharding,
     batch_shards,
@@ -200,7 +201,7 @@ def test_param_specs_pure_data_parallel_replicates() -> None:
 
 
 def test_opt_state_specs_follow_params() -> None:
-    from flaxgpt.optim import make_optimizer
+    from flaxgpt.training.optim import make_optimizer
 
     shapes = param_shapes(TINY)
     tx = make_optimizer(1e-3, grad_clip=1.0, accumulate_steps=2, decay_biases_and_norms=False)

@@ -1,4 +1,4 @@
-"""Tests for flaxgpt.tokenizer: the book's regex tokenizers and the GPT-2 BPE."""
+"""Tests for flaxgpt.text.tokenizers: the book's regex tokenizers and the GPT-2 BPE."""
 
 from __future__ import annotations
 
@@ -13,14 +13,13 @@ import tiktoken.registry
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flaxgpt.tokenizer import (
+from flaxgpt.text.bpe import GPT2_BPE_DIR_ENV, gpt2_tokenizer
+from flaxgpt.text.tokenizers import (
     ENDOFTEXT,
-    GPT2_BPE_DIR_ENV,
     UNK,
     SimpleTokenizerV1,
     SimpleTokenizerV2,
     build_vocab,
-    gpt2_tokenizer,
     text_to_token_ids,
     token_ids_to_text,
 )
@@ -283,7 +282,7 @@ def test_text_ids_with_regex_tokenizer() -> None:
 @settings(max_examples=100, deadline=None)
 @given(st.text())
 def test_byte_tokenizer_round_trips_unicode(text: str) -> None:
-    from flaxgpt.tokenizer import ByteTokenizer
+    from flaxgpt.text.tokenizers import ByteTokenizer
 
     tok = ByteTokenizer()
     ids = tok.encode(text)
@@ -292,7 +291,7 @@ def test_byte_tokenizer_round_trips_unicode(text: str) -> None:
 
 
 def test_byte_tokenizer_endoftext_and_errors() -> None:
-    from flaxgpt.tokenizer import ByteTokenizer, get_tokenizer
+    from flaxgpt.text.tokenizers import ByteTokenizer, get_tokenizer
 
     tok = get_tokenizer("bytes")
     assert isinstance(tok, ByteTokenizer)

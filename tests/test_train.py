@@ -11,21 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxgpt.checkpoint import list_checkpoints, restore_checkpoint
 from flaxgpt.config import GPTConfig
-from flaxgpt.data import DataLoader
-from flaxgpt.metrics import read_metrics
-from flaxgpt.model import GPTModel, init_params
-from flaxgpt.optim import make_optimizer
-from flaxgpt.train import (
-    NonFiniteLossError,
-    Position,
-    create_train_state,
-    eval_step,
-    evaluate,
-    fit,
-    train_step,
-)
+from flaxgpt.data.windows import DataLoader
+from flaxgpt.io.checkpoint import list_checkpoints, restore_checkpoint
+from flaxgpt.nn.model import GPTModel
+from flaxgpt.nn.params import init_params
+from flaxgpt.training.loop import NonFiniteLossError, Position, evaluate, fit
+from flaxgpt.training.metrics import read_metrics
+from flaxgpt.training.optim import make_optimizer
+from flaxgpt.training.state import create_train_state, eval_step, train_step
 
 CFG = GPTConfig(vocab_size=64, context_length=8, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.1)
 MODEL = GPTModel(CFG)

@@ -6,17 +6,11 @@ import jax
 import numpy as np
 import pytest
 
-from flaxgpt.book_weights import book_config, params_from_book, params_to_book
 from flaxgpt.config import GPTConfig
-from flaxgpt.model import count_params, param_shapes
-from flaxgpt.weights import (
-    check_params,
-    config_from_hf,
-    config_to_hf,
-    hf_tensors,
-    params_from_hf,
-    params_to_hf,
-)
+from flaxgpt.io.book import book_config, params_from_book, params_to_book
+from flaxgpt.io.hf import config_from_hf, config_to_hf, hf_tensors, params_from_hf, params_to_hf
+from flaxgpt.io.mapping import check_params
+from flaxgpt.nn.params import count_params, param_shapes
 
 TINY = dict(vocab_size=61, context_length=8, emb_dim=16, n_heads=4, n_layers=2, drop_rate=0.0)
 
@@ -85,7 +79,7 @@ def test_scanned_params_export_like_unrolled():
     cfg = GPTConfig(**TINY, qkv_bias=True)
     params = random_params(cfg)
     scanned = random_params(cfg.replace(scan_layers=True))  # a different tree, to check the layout is read
-    from flaxgpt.model import stack_layers, unstack_layers
+    from flaxgpt.nn.params import stack_layers, unstack_layers
 
     stacked = stack_layers(params, cfg.n_layers)
     a, b = params_to_hf(params, cfg), params_to_hf(stacked, cfg.replace(scan_layers=True))

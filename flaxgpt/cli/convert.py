@@ -45,8 +45,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from flaxgpt.cli import CLIError
-    from flaxgpt.model import count_params
-    from flaxgpt.pretrained import load_any, save_book, save_pretrained
+    from flaxgpt.io.pretrained import load_any, save_book, save_pretrained
+    from flaxgpt.nn.params import count_params
 
     to = args.to or ("book" if str(args.dst).endswith(".safetensors") else "hf")
     try:

@@ -53,11 +53,11 @@ def run(args: argparse.Namespace) -> int:
     import jax
 
     from flaxgpt.cli import CLIError
-    from flaxgpt.generate import generate
-    from flaxgpt.model import GPTModel
-    from flaxgpt.pretrained import detect_format, load_any
-    from flaxgpt.checkpoint import resolve_checkpoint
-    from flaxgpt.tokenizer import get_tokenizer, text_to_token_ids
+    from flaxgpt.generation.decode import generate
+    from flaxgpt.io.checkpoint import resolve_checkpoint
+    from flaxgpt.io.pretrained import detect_format, load_any
+    from flaxgpt.nn.model import GPTModel
+    from flaxgpt.text.tokenizers import get_tokenizer, text_to_token_ids
 
     source = args.pretrained if args.pretrained is not None else args.checkpoint
     if args.checkpoint is not None and detect_format(source) != "checkpoint":

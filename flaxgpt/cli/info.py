@@ -41,8 +41,8 @@ def environment_info() -> dict[str, object]:
 
 def model_info(path: str, n_heads: int | None = None) -> dict[str, object]:
     """Returns the format, location, config, parameter count and stored size of weights at ``path``."""
-    from flaxgpt.model import count_params, param_bytes, param_shapes
-    from flaxgpt.pretrained import describe
+    from flaxgpt.io.pretrained import describe
+    from flaxgpt.nn.params import count_params, param_bytes, param_shapes
 
     cfg, fmt, location = describe(path, n_heads=n_heads)
     shapes = param_shapes(cfg)

@@ -14,8 +14,9 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from flaxgpt.cli import CLIError
 
@@ -76,7 +77,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     io.add_argument("--stride", type=int, help="window stride (default: the context length)")
     io.add_argument("--resume", nargs="?", const="latest", metavar="CKPT",
                     help="continue the run in --out from its newest valid checkpoint (or from CKPT)")
-    m = p.add_argument_group("model (default: %s)" % ", ".join(f"{k}={v}" for k, v in DEFAULT_MODEL.items()))
+    model_defaults = ", ".join(f"{k}={v}" for k, v in DEFAULT_MODEL.items())
+    m = p.add_argument_group(f"model (default: {model_defaults})")
     m.add_argument("--preset", help="gpt2-small, gpt2-medium, gpt2-large or gpt2-xl")
     m.add_argument("--emb-dim", type=int)
     m.add_argument("--n-layers", type=int)
@@ -119,7 +121,7 @@ def _text_name(text: str) -> str:
 
 def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Path, Path | None, Any, str | None]:
     """Merges explicit options, the resumed run's saved options, and the defaults."""
-    from flaxgpt.checkpoint import resolve_checkpoint
+    from flaxgpt.io.checkpoint import resolve_checkpoint
 
     given = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k, None) is not None}
     saved_model = saved_sha = ckpt = None
@@ -166,7 +168,7 @@ def _model_config(args: argparse.Namespace, settings: dict[str, Any], saved: dic
 def _tokenizer(name: str) -> tuple[Any, str]:
     """The training tokenizer and its name; "auto" takes GPT-2's BPE when it can be loaded (local files
     or tiktoken's cache/download), else UTF-8 bytes, so that the default run works offline."""
-    from flaxgpt.tokenizer import ByteTokenizer, get_tokenizer
+    from flaxgpt.text.tokenizers import ByteTokenizer, get_tokenizer
 
     if name != "auto":
         try:
@@ -226,8 +228,8 @@ def _final_sample(state: Any, tok: Any, prompt: str, seed: int) -> str:
     """A top-k sample of the prompt (the per-epoch samples that fit logs are the book's greedy ones)."""
     import jax
 
-    from flaxgpt.generate import generate
-    from flaxgpt.tokenizer import text_to_token_ids, token_ids_to_text
+    from flaxgpt.generation.decode import generate
+    from flaxgpt.text.tokenizers import text_to_token_ids, token_ids_to_text
 
     ids = text_to_token_ids(prompt, tok)[0][-(state.model.cfg.context_length - 1):]  # (T,)
     n_new = min(50, state.model.cfg.context_length - ids.size)
@@ -253,14 +255,18 @@ def run(args: argparse.Namespace) -> int:
     import jax
     from tqdm.auto import tqdm
 
-    from flaxgpt.checkpoint import list_checkpoints, restore_checkpoint, write_json_atomic
-    from flaxgpt.data import DataLoader, load_text, train_val_split
-    from flaxgpt.metrics import METRICS_FILE, read_metrics
-    from flaxgpt.model import GPTModel, count_params, init_params
-    from flaxgpt.optim import make_optimizer
-    from flaxgpt.plotting import plot_metrics
-    from flaxgpt.tokenizer import text_to_token_ids
-    from flaxgpt.train import NonFiniteLossError, Position, create_train_state, fit
+    from flaxgpt.data.windows import DataLoader, train_val_split
+    from flaxgpt.io.checkpoint import list_checkpoints, restore_checkpoint
+    from flaxgpt.io.files import write_json as write_json_atomic
+    from flaxgpt.nn.model import GPTModel
+    from flaxgpt.nn.params import count_params, init_params
+    from flaxgpt.text.corpora import load_text
+    from flaxgpt.text.tokenizers import text_to_token_ids
+    from flaxgpt.training.loop import NonFiniteLossError, Position, fit
+    from flaxgpt.training.metrics import METRICS_FILE, read_metrics
+    from flaxgpt.training.optim import make_optimizer
+    from flaxgpt.training.plotting import plot_metrics
+    from flaxgpt.training.state import create_train_state
 
     s, out, ckpt, saved_model, saved_sha = _resolve(args)
     _check_settings(s)

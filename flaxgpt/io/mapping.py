@@ -1,7 +1,7 @@
 """Table-driven weight mapping between flaxgpt's params tree and a flat dict of named tensors.
 
-A format (Hugging Face GPT-2 in :mod:`flaxgpt.weights`, the book's PyTorch names in
-:mod:`flaxgpt.book_weights`) is a list of :class:`TensorSpec`: an external tensor name and shape and
+A format (Hugging Face GPT-2 in :mod:`flaxgpt.io.hf`, the book's PyTorch names in
+:mod:`flaxgpt.io.book`) is a list of :class:`TensorSpec`: an external tensor name and shape and
 where it lives in the params tree. :func:`import_tensors` checks every name and shape first (one
 ``ValueError`` listing each missing, unexpected or wrongly shaped tensor), then reads and places each
 tensor once, straight into the layout ``cfg.scan_layers`` asks for. :func:`export_tensors` returns the
@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from flaxgpt.config import GPTConfig
+from flaxgpt.io.safetensors_io import OutTensor
+from flaxgpt.pytree import flat_dict
 
 __all__ = [
     "Params",
@@ -26,7 +29,6 @@ __all__ = [
     "check_params",
     "import_tensors",
     "export_tensors",
-    "flatten_params",
 ]
 
 Params = Any  # a nested dict of arrays
@@ -163,17 +165,6 @@ def import_tensors(
     return out.params
 
 
-def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested dict as ``{"a/b/c": leaf}``."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(flatten_params(value, f"{prefix}{key}/"))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def check_params(params: Params, cfg: GPTConfig) -> None:
     """Checks that ``params`` (either layout) has exactly the leaves and shapes ``cfg`` implies.
 
@@ -184,12 +175,12 @@ def check_params(params: Params, cfg: GPTConfig) -> None:
     Raises:
       ValueError: naming each missing, unexpected or wrongly shaped leaf with expected and found shapes.
     """
-    from flaxgpt.model import param_shapes  # model imports are heavy; keep them off the import path
+    from flaxgpt.nn.params import param_shapes
 
     if not isinstance(params, Mapping):
         raise ValueError(f"params must be a nested dict of arrays, got {type(params).__name__}")
-    expected = flatten_params(param_shapes(cfg.replace(scan_layers="trf_blocks" in params)))
-    found = flatten_params(params)
+    expected = flat_dict(param_shapes(cfg.replace(scan_layers="trf_blocks" in params)))
+    found = flat_dict(params)
     problems = [
         f"missing {k!r} (expected shape {tuple(v.shape)})" for k, v in expected.items() if k not in found
     ]
@@ -203,16 +194,6 @@ def check_params(params: Params, cfg: GPTConfig) -> None:
         raise ValueError(
             f"params do not match the config ({describe_config(cfg)}): {'; '.join(problems[:8])}{more}"
         )
-
-
-@dataclasses.dataclass(frozen=True)
-class OutTensor:
-    """A tensor to export, produced on demand so that a writer holds one tensor at a time."""
-
-    name: str
-    shape: Shape
-    dtype: np.dtype
-    read: Callable[[], np.ndarray]
 
 
 def export_tensors(

@@ -2,7 +2,7 @@
 
 Both directions work on numpy arrays, one tensor at a time, and accept either param layout (unrolled
 ``trf_blocks_N`` or scanned ``trf_blocks``; the output layout follows ``cfg.scan_layers``). The table
-machinery is in :mod:`flaxgpt.weight_mapping`; file I/O in :mod:`flaxgpt.pretrained`.
+machinery is in :mod:`flaxgpt.io.mapping`; file I/O in :mod:`flaxgpt.io.pretrained`.
 
 Hugging Face ``GPT2LMHeadModel`` (``Conv1D`` weights are (in, out), like flax kernels)::
 
@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from flaxgpt.config import GPTConfig
-from flaxgpt.weight_mapping import OutTensor, Params, TensorSpec, check_params, export_tensors, import_tensors
+from flaxgpt.io.mapping import Params, TensorSpec, check_params, export_tensors, import_tensors
+from flaxgpt.io.safetensors_io import OutTensor
 
 __all__ = [
     "params_from_hf",

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+
+from flaxgpt.io.files import atomic_file
 
 __all__ = ["METRICS_FILE", "append_metrics", "read_metrics", "truncate_metrics"]
 
@@ -73,12 +76,8 @@ def truncate_metrics(path: str | os.PathLike[str], max_step: int) -> list[dict[s
     records = read_metrics(path)
     kept = [r for r in records if int(r.get("step", 0)) <= max_step]
     if path.is_file() and len(kept) != len(records):
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_file(path, "w") as f:
             for r in kept:
                 f.write(json.dumps(r, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     return kept
 

@@ -8,28 +8,29 @@ on how to convert them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
-import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from flaxgpt.weight_mapping import OutTensor
+from flaxgpt.dtypes import SAFETENSORS_CODES
+from flaxgpt.io.files import atomic_file
 
 __all__ = [
     "PICKLE_SUFFIXES",
     "SafetensorsReader",
     "pickle_error",
-    "read_json",
-    "write_json",
+    "OutTensor",
     "write_safetensors",
 ]
 
+Shape = tuple[int, ...]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-_DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
 
 def pickle_error(path: Path) -> ValueError:
@@ -40,18 +41,6 @@ def pickle_error(path: Path) -> ValueError:
         "`GPT2LMHeadModel.from_pretrained(dir).save_pretrained(out_dir)` (writes model.safetensors); for "
         "the book's model `safetensors.torch.save_file(model.state_dict(), 'model.safetensors')`"
     )
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """Reads a JSON object, turning a malformed file into a ValueError that names it."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(obj).__name__}")
-    return obj
 
 
 class SafetensorsReader(Mapping[str, np.ndarray]):
@@ -75,7 +64,7 @@ class SafetensorsReader(Mapping[str, np.ndarray]):
         self._where: dict[str, Any] = {}
         self._stack = contextlib.ExitStack()
 
-    def __enter__(self) -> "SafetensorsReader":
+    def __enter__(self) -> SafetensorsReader:
         try:
             for path in self.files:
                 if path.suffix.lower() in PICKLE_SUFFIXES:
@@ -141,13 +130,13 @@ def write_safetensors(
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     start = 0
     for t in tensors:
-        if t.dtype.name not in _DTYPE_CODES:
+        if t.dtype.name not in SAFETENSORS_CODES:
             raise ValueError(
-                f"tensor {t.name!r} has dtype {t.dtype}; safetensors export supports {list(_DTYPE_CODES)}"
+                f"tensor {t.name!r} has dtype {t.dtype}; safetensors export supports {list(SAFETENSORS_CODES)}"
             )
         size = int(np.prod(t.shape, dtype=np.int64)) * t.dtype.itemsize
         header[t.name] = {
-            "dtype": _DTYPE_CODES[t.dtype.name],
+            "dtype": SAFETENSORS_CODES[t.dtype.name],
             "shape": list(t.shape),
             "data_offsets": [start, start + size],
         }
@@ -169,54 +158,11 @@ def write_safetensors(
     return path
 
 
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """Flushes a folder's entries (a rename inside it) to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+@dataclasses.dataclass(frozen=True)
+class OutTensor:
+    """A tensor to export, produced on demand so that a writer holds one tensor at a time."""
 
-
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
-    """Opens a temporary file beside ``path``; on success it is fsynced and renamed over ``path`` and
-    the folder fsynced, on any error it is removed. Readers never see a half-written ``path``.
-
-    Args:
-      path: the destination file.
-      mode: "wb" or "w" (UTF-8 text).
-
-    Yields:
-      The open temporary file.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
-def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Writes ``obj`` as indented JSON, atomically: a fsynced temporary file, a rename, a fsynced folder.
-
-    Args:
-      path: destination file.
-      obj: a JSON-serialisable object.
-
-    Returns:
-      The destination as a Path.
-    """
-    path = Path(path)
-    with atomic_file(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    return path
+    name: str
+    shape: Shape
+    dtype: np.dtype
+    read: Callable[[], np.ndarray]

@@ -18,14 +18,14 @@ safetensors has no code execution on load.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,8 +34,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from flaxgpt.config import GPTConfig
-from flaxgpt.safetensors_io import fsync_dir
-from flaxgpt.safetensors_io import write_json as write_json_atomic  # re-exported: runs write config.json with it
+from flaxgpt.dtypes import STORED_AS
+from flaxgpt.io.files import fsync_dir, sha256_file
+from flaxgpt.pytree import flatten_with_names, unflatten_dict
 
 __all__ = [
     "CheckpointError",
@@ -48,7 +49,6 @@ __all__ = [
     "latest_checkpoint",
     "resolve_checkpoint",
     "read_meta",
-    "write_json_atomic",
 ]
 
 logger = logging.getLogger(__name__)
@@ -60,9 +60,6 @@ META_FILE = "meta.json"
 CHECKPOINTS = "checkpoints"
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
 _TMP_RE = re.compile(r"^\.tmp-step_\d+-(\d+)$")
-# safetensors' numpy backend has no bfloat16: such leaves are stored as their uint16 bit pattern and
-# the leaf list in meta.json records the real dtype.
-_BITCAST = {"bfloat16": np.uint16}
 
 
 class CheckpointError(ValueError):
@@ -72,64 +69,21 @@ class CheckpointError(ValueError):
 # --------------------------------------------------------------------------- tree <-> flat names
 
 
-def _key_str(k: Any) -> str:
-    if isinstance(k, jax.tree_util.DictKey):
-        return str(k.key)
-    if isinstance(k, jax.tree_util.GetAttrKey):
-        return k.name
-    if isinstance(k, jax.tree_util.SequenceKey):
-        return str(k.idx)
-    if isinstance(k, jax.tree_util.FlattenedIndexKey):
-        return str(k.key)
-    return str(k)
-
-
-def _flatten(tree: Any) -> tuple[list[str], list[Any], Any]:
-    """Leaf names ('/'-joined paths), leaves and treedef of a pytree."""
-    with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    names = ["/".join(_key_str(k) for k in path) for path, _ in with_path]
-    if len(set(names)) != len(names):
-        raise CheckpointError("the state has two leaves with the same path name")
-    return names, [leaf for _, leaf in with_path], treedef
-
-
 def _to_storable(x: Any) -> tuple[np.ndarray, str]:
     arr = np.asarray(jax.device_get(x))
     dtype = str(arr.dtype)
-    if dtype in _BITCAST:
-        arr = arr.view(_BITCAST[dtype])
+    if dtype in STORED_AS:
+        arr = arr.view(STORED_AS[dtype])
     return np.require(arr, requirements="C"), dtype  # (ascontiguousarray would make 0-d 1-d)
 
 
 def _from_stored(arr: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype in _BITCAST:
+    if dtype in STORED_AS:
         return arr.view(jnp.dtype(dtype))  # ml_dtypes' bfloat16, which JAX registers with NumPy
     return arr
 
 
-def _unflatten_params(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """Nested dict from 'a/b/c' names (params trees are dicts all the way down)."""
-    out: dict[str, Any] = {}
-    for name, value in flat.items():
-        node = out
-        *parents, leaf = name.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
-
-
 # --------------------------------------------------------------------------- files
-
-
-def _sha256_and_fsync(path: Path) -> str:
-    """SHA-256 of a file, read in chunks; also fsyncs it."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-        os.fsync(f.fileno())
-    return h.hexdigest()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -188,18 +142,22 @@ def read_meta(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
     return meta
 
 
+def _flatten(tree: Any) -> tuple[list[str], list[Any], Any]:
+    try:
+        return flatten_with_names(tree)
+    except ValueError as e:
+        raise CheckpointError(f"cannot checkpoint this state: {e}") from e
+
+
 def _verify(ckpt: Path) -> dict[str, Any]:
     meta = read_meta(ckpt)
     tensors = ckpt / TENSORS_FILE
     if not tensors.is_file():
         raise CheckpointError(f"{tensors} is missing")
-    h = hashlib.sha256()
-    with open(tensors, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    if h.hexdigest() != meta["tensors"]["sha256"]:
+    digest = sha256_file(tensors)
+    if digest != meta["tensors"]["sha256"]:
         raise CheckpointError(
-            f"{tensors} is corrupt: SHA-256 {h.hexdigest()} does not match "
+            f"{tensors} is corrupt: SHA-256 {digest} does not match "
             f"{meta['tensors']['sha256']} recorded in {META_FILE}"
         )
     return meta
@@ -313,7 +271,7 @@ def save_checkpoint(
             tensors[n] = arr
             leaf_info.append({"name": n, "shape": list(arr.shape), "dtype": dtype})
         save_file(tensors, str(tmp / TENSORS_FILE))
-        digest = _sha256_and_fsync(tmp / TENSORS_FILE)
+        digest = sha256_file(tmp / TENSORS_FILE, fsync=True)
         if jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
             key_data, key_impl = jax.random.key_data(key), str(jax.random.key_impl(key))
         else:
@@ -442,7 +400,7 @@ def load_model_from_checkpoint(
     flat = _read_tensors(ckpt, meta, prefix="params/")
     if not flat:
         raise CheckpointError(f"{ckpt / TENSORS_FILE} holds no params/ tensors")
-    params = _unflatten_params({n[len("params/") :]: v for n, v in flat.items()})
+    params = unflatten_dict({n[len("params/") :]: v for n, v in flat.items()})
     params = jax.tree.map(jnp.asarray, params)
     info = {
         "step": meta["step"],

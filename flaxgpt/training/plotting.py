@@ -4,8 +4,9 @@ for tokens seen."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 __all__ = ["plot_losses", "plot_metrics"]
 

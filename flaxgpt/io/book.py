@@ -20,12 +20,14 @@ load it with :func:`flaxgpt.pretrained.load_book`.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from flaxgpt.config import PRESETS, GPTConfig
-from flaxgpt.weight_mapping import OutTensor, Params, TensorSpec, export_tensors, import_tensors
+from flaxgpt.io.mapping import Params, TensorSpec, export_tensors, import_tensors
+from flaxgpt.io.safetensors_io import OutTensor
 
 __all__ = ["params_from_book", "params_to_book", "book_tensors", "book_config"]
 

@@ -1,46 +1,27 @@
-"""Chapter 2 data: sliding-window dataset, a resumable batch iterator, and text corpora.
+"""Chapter 2 data: the sliding-window dataset and a resumable batch iterator.
 
 `GPTDataset` is the book's `GPTDatasetV1` over one int32 array; `DataLoader` yields numpy
 batches whose order is a pure function of (seed, epoch), so training can checkpoint
-(epoch, batch index) and resume exactly; `load_text` provides offline corpora.
+(epoch, batch index) and resume exactly. Corpora are in :mod:`flaxgpt.text.corpora`.
 """
 
 from __future__ import annotations
 
-import functools
-import os
-import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from flaxgpt.tokenizer import gpt2_tokenizer, text_to_token_ids
+from flaxgpt.text.bpe import gpt2_tokenizer
+from flaxgpt.text.tokenizers import text_to_token_ids
 
 __all__ = [
-    "VERDICT_URL",
-    "DATA_DIR_ENV",
-    "CACHE_DIR_ENV",
     "GPTDataset",
     "DataLoader",
     "create_dataloader",
     "train_val_split",
-    "cache_dir",
-    "download_file",
-    "load_text",
 ]
 
-VERDICT_URL = (
-    "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/"
-    "01_main-chapter-code/the-verdict.txt"
-)
-VERDICT_FILE = "the-verdict.txt"
-DATA_DIR_ENV = "FLAXGPT_DATA_DIR"
-CACHE_DIR_ENV = "FLAXGPT_CACHE_DIR"
-_PYDOC_NAMES = ("pydoc", "python-docs")
 
 Batch = tuple[np.ndarray, np.ndarray]
 
@@ -288,125 +269,4 @@ def train_val_split(text: str, train_ratio: float = 0.9) -> tuple[str, str]:
     return text[:split_idx], text[split_idx:]
 
 
-# --------------------------------------------------------------------------- corpora
 
-
-def cache_dir() -> Path:
-    """flaxgpt's download cache: $FLAXGPT_CACHE_DIR, else $XDG_CACHE_HOME/flaxgpt, else
-    ~/.cache/flaxgpt (not created here)."""
-    if os.environ.get(CACHE_DIR_ENV):
-        return Path(os.environ[CACHE_DIR_ENV]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "flaxgpt"
-
-
-def download_file(url: str, dest: str | os.PathLike[str], timeout: float = 30.0) -> Path:
-    """Downloads `url` to `dest` atomically (temp file in the same folder, then os.replace).
-
-    Args:
-      url: any URL urllib opens (https://, file://, ...).
-      dest: the destination file; its folder is created if needed.
-      timeout: seconds before a network read gives up.
-
-    Returns:
-      `dest` as a Path.
-
-    Raises:
-      ConnectionError: the URL could not be read (offline, HTTP error, missing file).
-    """
-    dest = Path(dest)
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            data = response.read()
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        raise ConnectionError(f"could not download {url} to {dest}: {e}") from e
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dest
-
-
-def _read_utf8(path: Path) -> str:
-    if not path.exists():
-        raise FileNotFoundError(f"no such text file: {path}")
-    if not path.is_file():
-        raise ValueError(f"{path} is not a regular file: expected a UTF-8 text file")
-    try:
-        with open(path, encoding="utf-8") as f:  # universal newlines, as the book reads it
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not valid UTF-8 text (byte {e.start}): {e.reason}") from e
-    if not text:
-        raise ValueError(f"{path} is empty: expected a non-empty text file")
-    return text
-
-
-def _verdict_path() -> Path:
-    tried = []
-    data_dir = os.environ.get(DATA_DIR_ENV)
-    if data_dir:
-        candidate = Path(data_dir).expanduser() / VERDICT_FILE
-        if candidate.is_file():
-            return candidate
-        tried.append(f"${DATA_DIR_ENV}: {candidate} (missing)")
-    else:
-        tried.append(f"${DATA_DIR_ENV}: not set")
-    cached = cache_dir() / VERDICT_FILE
-    if cached.is_file():
-        return cached
-    tried.append(f"cache: {cached} (missing)")
-    try:
-        return download_file(VERDICT_URL, cached)
-    except OSError as e:  # ConnectionError, or the cache folder is not writable
-        tried.append(f"download: {e}")
-        raise ConnectionError(
-            f"could not get {VERDICT_FILE}. Tried:\n  - "
-            + "\n  - ".join(tried)
-            + f"\nSet ${DATA_DIR_ENV} to a folder holding {VERDICT_FILE}, or copy it to "
-            f"{cached}."
-        ) from e
-
-
-@functools.lru_cache(maxsize=1)
-def _pydoc_text() -> str:
-    from pydoc_data.topics import topics
-
-    # The manual is indented for a terminal; runs of spaces would be ~18% of its GPT-2 tokens and
-    # teach a small model little but whitespace, so each line's spacing is collapsed.
-    def tidy(topic: str) -> str:
-        return "\n".join(" ".join(line.split()) for line in topic.strip("\n").splitlines())
-
-    return "\n\n".join(tidy(topics[key]) for key in sorted(topics)) + "\n"
-
-
-def load_text(name_or_path: str | os.PathLike[str]) -> str:
-    """Loads a training text by corpus name or file path.
-
-    Names: "verdict" (the book's short story; from $FLAXGPT_DATA_DIR, else the cache, else
-    downloaded once into the cache); "pydoc" / "python-docs" (the Python reference manual's
-    topics from `pydoc_data.topics`, always offline). Anything else is a UTF-8 text file
-    (use "./verdict" for a file named like a corpus).
-
-    Args:
-      name_or_path: a corpus name or a path.
-
-    Returns:
-      The text.
-
-    Raises:
-      FileNotFoundError: the path does not exist.
-      ValueError: the file is empty or not UTF-8.
-      ConnectionError: "verdict" is nowhere local and cannot be downloaded.
-    """
-    if isinstance(name_or_path, str) and name_or_path == "verdict":
-        return _read_utf8(_verdict_path())
-    if isinstance(name_or_path, str) and name_or_path in _PYDOC_NAMES:
-        return _pydoc_text()
-    return _read_utf8(Path(name_or_path).expanduser())

@@ -14,36 +14,23 @@ actual prompt lengths, ``max_new_tokens`` within its bucket, ``temperature``, ``
 from __future__ import annotations
 
 import functools
-import operator
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxgpt.kv_cache import KVCache, init_cache
-from flaxgpt.model import GPTModel, Params, check_token_ids
-from flaxgpt.sampling import check_sampling, sample_next, sampling_args
+from flaxgpt.generation.buckets import new_tokens_bucket, prompt_bucket
+from flaxgpt.generation.sampling import check_sampling, sample_next, sampling_args
+from flaxgpt.nn.kv_cache import KVCache, init_cache
+from flaxgpt.nn.model import GPTModel, Params
+from flaxgpt.validation import check_int, check_token_ids
 
 _PAD_ID = 0  # token id of the left padding (masked out, so any valid id works)
 
 
 # --------------------------------------------------------------------------- buckets and padding
-
-
-def prompt_bucket(length: int, context_length: int) -> int:
-    """Padded prompt length: the smallest power of two >= ``length`` (at least 8), capped at
-    ``context_length``."""
-    return min(max(8, 1 << (length - 1).bit_length()), context_length)
-
-
-def new_tokens_bucket(n: int, context_length: int) -> int:
-    """Cache slots reserved for new tokens: the smallest of 8, 12, 16, 24, 32, 48, ... that is >= ``n``,
-    capped at ``context_length``."""
-    b = 8
-    while b < n:
-        b = b * 3 // 2 if b & (b - 1) == 0 else b * 4 // 3  # 8 -> 12 -> 16 -> 24 -> 32 -> ...
-    return min(b, context_length)
 
 
 def left_pad(prompts: Sequence[np.ndarray], context_length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -153,17 +140,6 @@ def _generate_compiled(
 # --------------------------------------------------------------------------- the public entry point
 
 
-def _as_int(value: Any, name: str, lo: int, hi: int | None = None) -> int:
-    try:
-        i = operator.index(value)
-    except TypeError:
-        i = None
-    if i is None or isinstance(value, bool) or i < lo or (hi is not None and i >= hi):
-        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi})"
-        raise ValueError(f"{name} must be an integer {rng}, got {value!r}")
-    return i
-
-
 def _parse_prompt(prompt: Any, vocab_size: int) -> tuple[list[np.ndarray], str]:
     """Returns the prompt rows as int32 arrays and the prompt kind: "1d", "2d" or "list"."""
     if isinstance(prompt, (list, tuple)) and prompt and np.ndim(prompt[0]) > 0:
@@ -241,8 +217,8 @@ def generate(
     """
     cfg = model.cfg
     rows, kind = _parse_prompt(prompt, cfg.vocab_size)
-    n = _as_int(max_new_tokens, "max_new_tokens", 0)
-    eos = -1 if eos_id is None else _as_int(eos_id, "eos_id", 0, cfg.vocab_size)
+    n = check_int("max_new_tokens", max_new_tokens, 0)
+    eos = -1 if eos_id is None else check_int("eos_id", eos_id, 0, cfg.vocab_size)
     check_sampling(temperature, top_k, top_p)
     if float(temperature) > 0.0 and key is None:
         raise ValueError(

@@ -15,126 +15,37 @@ Tensors are read one at a time from the memory-mapped files; only safetensors an
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
-from flaxgpt.book_weights import book_config, book_tensors, params_from_book
 from flaxgpt.config import GPTConfig
-from flaxgpt.safetensors_io import (
-    PICKLE_SUFFIXES,
-    SafetensorsReader,
-    pickle_error,
-    read_json,
-    write_json,
-    write_safetensors,
-)
-from flaxgpt.weight_mapping import Params
-from flaxgpt.weights import config_from_hf, config_to_hf, hf_tensors, params_from_hf
+from flaxgpt.dtypes import dtype_name
+from flaxgpt.io import hub
+from flaxgpt.io.book import book_config, book_tensors, params_from_book
+from flaxgpt.io.files import read_json, write_json
+from flaxgpt.io.hf import config_from_hf, config_to_hf, hf_tensors, params_from_hf
+from flaxgpt.io.hub import CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, local_or_download
+from flaxgpt.io.mapping import Params
+from flaxgpt.io.safetensors_io import PICKLE_SUFFIXES, SafetensorsReader, pickle_error, write_safetensors
 
 __all__ = [
-    "HUB_MODELS",
     "load_pretrained",
     "save_pretrained",
     "load_book",
     "save_book",
-    "download",
-    "hub_repo",
     "load_any",
     "describe",
 ]
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-HUB_MODELS = {
-    "gpt2": "openai-community/gpt2",  # 124M
-    "gpt2-medium": "openai-community/gpt2-medium",  # 355M
-    "gpt2-large": "openai-community/gpt2-large",  # 774M
-    "gpt2-xl": "openai-community/gpt2-xl",  # 1558M
-}
-_DTYPES = ("float32", "bfloat16")
 
 PathLike = str | os.PathLike[str]
 
 
 # --------------------------------------------------------------------------- finding the files
-
-
-def hub_repo(name: str) -> str | None:
-    """The hub repository of a GPT-2 model name ("gpt2" -> "openai-community/gpt2"), or None."""
-    key = str(name).strip()
-    if key.lower() in HUB_MODELS:
-        return HUB_MODELS[key.lower()]
-    return key if key in HUB_MODELS.values() else None
-
-
-def download(name: str, revision: str | None = None) -> Path:
-    """Fetches a GPT-2 model's ``config.json`` and safetensors weights into the ``huggingface_hub`` cache.
-
-    Files already cached are not fetched again; with ``HF_HUB_OFFLINE=1`` only the cache is used.
-
-    Args:
-      name: "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl" or an "openai-community/..." id.
-      revision: a branch, tag or commit (default: "main").
-
-    Returns:
-      The cached snapshot folder holding the files.
-
-    Raises:
-      ImportError: ``huggingface_hub`` is not installed.
-      FileNotFoundError: the files could neither be fetched nor found in the cache.
-    """
-    repo = hub_repo(name)
-    if repo is None:
-        raise ValueError(f"unknown model name {name!r}; choose one of {sorted(HUB_MODELS)}")
-    try:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
-    except ImportError as e:
-        raise ImportError(
-            f'downloading {name!r} needs huggingface_hub: pip install "flaxgpt[hub]" (or pass a local '
-            "directory with config.json and model.safetensors)"
-        ) from e
-
-    def fetch(filename: str) -> Path:
-        return Path(hf_hub_download(repo, filename, revision=revision))
-
-    try:
-        config = fetch(CONFIG_FILE)
-        try:
-            fetch(WEIGHTS_FILE)
-        except EntryNotFoundError as missing:
-            try:
-                index = fetch(INDEX_FILE)
-            except EntryNotFoundError:
-                raise missing from None
-            for shard in sorted(set(_weight_map(index).values())):
-                fetch(shard)
-    except OSError as e:  # HTTP errors, no connection, offline mode without the file in the cache
-        raise FileNotFoundError(
-            f"could not get {repo} from the Hugging Face hub or its cache: {str(e).rstrip('.')}. Check "
-            "the network (or HF_HUB_OFFLINE), or pass a local directory with config.json and "
-            "model.safetensors"
-        ) from e
-    return config.parent
-
-
-def _weight_map(index: Path) -> dict[str, str]:
-    obj = read_json(index)
-    weight_map = obj.get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise ValueError(f"{index} has no weight_map")
-    for name, file_name in weight_map.items():
-        if (
-            not isinstance(file_name, str)
-            or Path(file_name).name != file_name
-            or not file_name.endswith(".safetensors")
-        ):
-            raise ValueError(f"{index} maps {name!r} to {file_name!r}, expected a .safetensors file name")
-    return weight_map
 
 
 def _hf_files(path: Path) -> tuple[Path, list[Path], dict[str, str] | None]:
@@ -144,7 +55,7 @@ def _hf_files(path: Path) -> tuple[Path, list[Path], dict[str, str] | None]:
         if (folder / WEIGHTS_FILE).is_file():
             files, weight_map = [folder / WEIGHTS_FILE], None
         elif (folder / INDEX_FILE).is_file():
-            weight_map = _weight_map(folder / INDEX_FILE)
+            weight_map = hub.weight_map(folder / INDEX_FILE)
             files = [folder / f for f in sorted(set(weight_map.values()))]
         else:
             pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
@@ -156,7 +67,7 @@ def _hf_files(path: Path) -> tuple[Path, list[Path], dict[str, str] | None]:
         if path.suffix.lower() in PICKLE_SUFFIXES:
             raise pickle_error(path)
         if path.name == INDEX_FILE:
-            weight_map = _weight_map(path)
+            weight_map = hub.weight_map(path)
             files = [folder / f for f in sorted(set(weight_map.values()))]
         elif path.suffix == ".safetensors":
             files, weight_map = [path], None
@@ -171,24 +82,6 @@ def _hf_files(path: Path) -> tuple[Path, list[Path], dict[str, str] | None]:
             "load_book / `flaxgpt convert --n-heads`)"
         )
     return config, files, weight_map
-
-
-def _local_or_download(name_or_path: PathLike) -> Path:
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        return path
-    if hub_repo(str(name_or_path)) is not None:
-        return download(str(name_or_path))
-    raise FileNotFoundError(
-        f"{name_or_path} is neither a file or directory nor a model name ({', '.join(sorted(HUB_MODELS))})"
-    )
-
-
-def _dtype_name(dtype: Any) -> str:
-    name = "float32" if dtype is None else (dtype if isinstance(dtype, str) else np.dtype(dtype).name)
-    if name not in _DTYPES:
-        raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
-    return name
 
 
 def _to_jax(tree: dict[str, Any]) -> dict[str, Any]:
@@ -228,9 +121,9 @@ def load_pretrained(name_or_path: PathLike, dtype: Any = None, **overrides: Any)
         (named, with expected and found shapes).
       FileNotFoundError: no such path/model, or missing files.
     """
-    path = _local_or_download(name_or_path)
+    path = local_or_download(name_or_path)
     config, files, weight_map = _hf_files(path)
-    dt = _dtype_name(dtype)
+    dt = dtype_name(dtype)
     cfg = config_from_hf(read_json(config), **{**overrides, "param_dtype": dt, "dtype": dt})
     with SafetensorsReader(files, weight_map) as st:
         if _is_book(st.shapes):
@@ -294,10 +187,10 @@ def load_book(
         raise ValueError(f"{path} is a folder; the book's weights are one .safetensors file")
     with SafetensorsReader([path]) as st:
         if cfg is None:
-            dt = _dtype_name(dtype)
+            dt = dtype_name(dtype)
             cfg = book_config(st.shapes, n_heads, **{**overrides, "param_dtype": dt, "dtype": dt})
         elif dtype is not None:
-            dt = _dtype_name(dtype)
+            dt = dtype_name(dtype)
             cfg = cfg.replace(param_dtype=dt, dtype=dt)
         params = params_from_book(st, cfg, shapes=st.shapes, source=str(path))
     return cfg, _to_jax(params)
@@ -325,7 +218,7 @@ def save_book(cfg: GPTConfig, params: Params, path: PathLike, masks: bool = True
 def detect_format(source: PathLike) -> str:
     """What ``source`` is: "hf" (HF folder/file or a hub model name), "book" (a book-named safetensors
     file) or "checkpoint" (a flaxgpt run or checkpoint folder)."""
-    from flaxgpt.checkpoint import CHECKPOINTS, META_FILE
+    from flaxgpt.io.checkpoint import CHECKPOINTS, META_FILE
 
     path = Path(source).expanduser()
     if path.is_dir():
@@ -354,11 +247,11 @@ def load_any(
     """
     fmt = detect_format(source)
     if fmt == "checkpoint":
-        from flaxgpt.checkpoint import load_model_from_checkpoint
+        from flaxgpt.io.checkpoint import load_model_from_checkpoint
 
         cfg, params, _ = load_model_from_checkpoint(source)
         if dtype is not None:
-            dt = _dtype_name(dtype)
+            dt = dtype_name(dtype)
             cfg = cfg.replace(param_dtype=dt, dtype=dt)
             params = _to_jax(_cast(params, np.dtype(cfg.weight_dtype)))
         return cfg, params, fmt
@@ -383,7 +276,7 @@ def describe(source: PathLike, *, n_heads: int | None = None) -> tuple[GPTConfig
     """
     fmt = detect_format(source)
     if fmt == "checkpoint":
-        from flaxgpt.checkpoint import CheckpointError, resolve_checkpoint
+        from flaxgpt.io.checkpoint import CheckpointError, resolve_checkpoint
 
         ckpt, meta = resolve_checkpoint(source, verify=False)
         try:
@@ -396,7 +289,7 @@ def describe(source: PathLike, *, n_heads: int | None = None) -> tuple[GPTConfig
             dt = st.dtypes["tok_emb.weight"]
             cfg = book_config(st.shapes, n_heads)
         return cfg.replace(param_dtype=_stored(dt)), fmt, str(path)
-    path = _local_or_download(source)
+    path = local_or_download(source)
     config, files, weight_map = _hf_files(path)
     cfg = config_from_hf(read_json(config))
     with SafetensorsReader(files, weight_map) as st:

@@ -10,26 +10,21 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax.training import train_state
 
-from flaxgpt.checkpoint import list_checkpoints, save_checkpoint
-from flaxgpt.losses import cross_entropy_loss
-from flaxgpt.metrics import METRICS_FILE, append_metrics, truncate_metrics
-from flaxgpt.model import GPTModel, check_token_ids, generate_text_simple
+from flaxgpt.book.generate import generate_text_simple
+from flaxgpt.io.checkpoint import list_checkpoints, save_checkpoint
+from flaxgpt.training.metrics import METRICS_FILE, append_metrics, truncate_metrics
+from flaxgpt.training.state import TrainState, eval_step, train_step
+from flaxgpt.validation import check_token_ids
 
 __all__ = [
-    "TrainState",
-    "create_train_state",
-    "train_step",
-    "eval_step",
     "evaluate",
     "Position",
     "FitResult",
@@ -45,46 +40,6 @@ ShardBatch = Callable[[np.ndarray, np.ndarray], Batch]
 Callback = Callable[[str, dict[str, Any]], None]
 
 
-class TrainState(train_state.TrainState):
-    """Flax's TrainState (step, params, opt_state; apply_fn and tx static) plus the model, static.
-
-    ``step`` counts ``train_step`` calls (micro-batches when gradients are accumulated).
-    """
-
-    model: GPTModel = flax.struct.field(pytree_node=False)
-
-
-def create_train_state(model: GPTModel, params: Any, tx: optax.GradientTransformation) -> TrainState:
-    """Builds the initial train state (``step`` 0 as an int32 array, optimizer state from ``tx.init``).
-
-    Args:
-      model: the model; its ``apply`` becomes ``state.apply_fn``.
-      params: the model's parameters.
-      tx: the optimizer, e.g. :func:`flaxgpt.optim.make_optimizer`.
-
-    Returns:
-      The state.
-    """
-    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, model=model)
-    return state.replace(step=jnp.zeros((), jnp.int32))  # strong int32: one compile, also on resume
-
-
-def _train_step(
-    state: TrainState, inputs: jax.Array, targets: jax.Array, key: jax.Array
-) -> tuple[TrainState, jax.Array]:
-    dropout_key = jax.random.fold_in(key, state.step)
-
-    def loss_fn(params: Any) -> jax.Array:
-        logits = state.apply_fn(
-            {"params": params}, inputs, deterministic=False, rngs={"dropout": dropout_key}
-        )  # (B, T, V) float32
-        return cross_entropy_loss(logits, targets)
-
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    return state.apply_gradients(grads=grads), loss
-
-
-train_step = jax.jit(_train_step, donate_argnums=0)
 train_step.__doc__ = """One optimizer (micro-)step: loss, gradients, update. Jitted once; ``state`` is donated.
 
 Args:
@@ -96,22 +51,6 @@ Args:
 Returns:
   (new state, float32 scalar loss of this batch before the update).
 """
-
-
-@jax.jit
-def eval_step(state: TrainState, inputs: jax.Array, targets: jax.Array) -> jax.Array:
-    """Mean loss of one batch without dropout (the book's ``calc_loss_batch`` in eval mode).
-
-    Args:
-      state: the train state.
-      inputs: (B, T) int32 token ids.
-      targets: (B, T) int32 next-token ids.
-
-    Returns:
-      A float32 scalar.
-    """
-    logits = state.apply_fn({"params": state.params}, inputs, deterministic=True)  # (B, T, V)
-    return cross_entropy_loss(logits, targets)
 
 
 def _default_place(inputs: np.ndarray, targets: np.ndarray) -> Batch:
@@ -247,7 +186,7 @@ def greedy_sample(state: TrainState, tokenizer: Any, start_context: str, max_new
     Returns:
       The prompt and its continuation, decoded.
     """
-    from flaxgpt.tokenizer import text_to_token_ids, token_ids_to_text
+    from flaxgpt.text.tokenizers import text_to_token_ids, token_ids_to_text
 
     cfg = state.model.cfg
     ids = text_to_token_ids(start_context, tokenizer)  # (1, T)

@@ -1,0 +1,1 @@
+"""Batches: pretraining windows (later: classification and instruction batches)."""

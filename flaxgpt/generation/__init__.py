@@ -1,0 +1,1 @@
+"""Text generation: sampling strategies and the compiled prefill + decode loop."""

@@ -1,0 +1,104 @@
+"""Files that are either complete or absent: atomic writes with fsync, JSON in and out, SHA-256.
+
+Every file flaxgpt writes (weights, checkpoints, metrics, configs, downloads) goes through
+:func:`atomic_file`: a temporary file beside the destination, fsynced, renamed over it, the folder
+fsynced. A crash leaves the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["atomic_file", "fsync_dir", "write_json", "read_json", "sha256_file"]
+
+_CHUNK = 1 << 22  # bytes hashed per read
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Reads a JSON object, turning a malformed file into a ValueError that names it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Flushes a folder's entries (a rename inside it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
+    """Opens a temporary file beside ``path``; on success it is fsynced and renamed over ``path`` and
+    the folder fsynced, on any error it is removed. Readers never see a half-written ``path``.
+
+    Args:
+      path: the destination file.
+      mode: "wb" or "w" (UTF-8 text).
+
+    Yields:
+      The open temporary file.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Writes ``obj`` as indented JSON, atomically: a fsynced temporary file, a rename, a fsynced folder.
+
+    Args:
+      path: destination file.
+      obj: a JSON-serialisable object.
+
+    Returns:
+      The destination as a Path.
+    """
+    path = Path(path)
+    with atomic_file(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    return path
+
+
+def sha256_file(path: str | os.PathLike[str], fsync: bool = False) -> str:
+    """SHA-256 hex digest of a file, read in 4 MiB chunks.
+
+    Args:
+      path: the file.
+      fsync: also flush the file to disk (a writer calls this once the file is complete).
+
+    Returns:
+      The lowercase hex digest.
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+        if fsync:
+            os.fsync(f.fileno())
+    return h.hexdigest()
