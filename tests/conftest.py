@@ -42,3 +42,19 @@ def gpt2_tok(gpt2_bpe_dir: Path) -> tiktoken.Encoding:
     from flaxgpt.text.bpe import gpt2_tokenizer
 
     return gpt2_tokenizer(gpt2_bpe_dir)
+
+
+# The one tiny model of the suite: every test that needs "some small GPT" builds it from here, changing
+# only the fields it is about (tiny_config(qkv_bias=True, tie_embeddings=True), ...).
+TINY_FIELDS = dict(vocab_size=96, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """A factory: ``tiny_config(**overrides)`` is the suite's tiny GPTConfig with those fields changed."""
+    from flaxgpt.config import GPTConfig
+
+    def make(**overrides):
+        return GPTConfig(**{**TINY_FIELDS, **overrides})
+
+    return make
