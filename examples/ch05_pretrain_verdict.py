@@ -34,6 +34,7 @@ from flaxgpt.training.loop import fit, greedy_sample
 from flaxgpt.training.optim import make_optimizer
 from flaxgpt.training.plotting import plot_losses
 from flaxgpt.training.state import create_train_state
+from flaxgpt.training.tasks import PretrainTask
 
 BOOK_FIRST_EVAL = (9.781, 9.933)
 
@@ -69,6 +70,7 @@ def main() -> None:
     result = fit(
         state, train_loader, val_loader, key=train_key, num_epochs=args.epochs, eval_freq=5, eval_iter=5,
         tokenizer=tok, start_context="Every effort moves you", run_dir=args.out,
+        task=PretrainTask(),  # the default: next-token cross-entropy; chapters 6-7 pass their own task
     )
     minutes = (time.perf_counter() - t0) / 60
     print(f"\nTraining completed in {minutes:.2f} minutes ({jax.devices()[0].device_kind}).")

@@ -1,38 +1,19 @@
 """flaxgpt: the GPT family from first principles in JAX/Flax linen.
 
-The public API, grouped as the book's chapters go. Everything else lives in the submodules
-(``flaxgpt.nn.attention`` for the chapter-3 teaching modules, ``flaxgpt.sharding``, ...).
+The public API, grouped in the order data flows (and the book's chapters go). Everything else lives in
+the stage subpackages: ``flaxgpt.text``, ``flaxgpt.data``, ``flaxgpt.nn``, ``flaxgpt.book`` (the chapter-3/4
+teaching variants), ``flaxgpt.generation``, ``flaxgpt.training``, ``flaxgpt.finetune``, ``flaxgpt.io``,
+``flaxgpt.sharding``.
 """
+
+# The groups below are ordered by stage, not alphabetically (ruff's import sorting is off for this file).
 
 __version__ = "0.1.0"
 
 # Configuration.
-from flaxgpt.book.generate import generate_text_simple
 from flaxgpt.config import GPT_CONFIG_124M, PRESETS, GPTConfig
-from flaxgpt.data.windows import DataLoader, GPTDataset, create_dataloader, train_val_split
 
-# Generation.
-from flaxgpt.generation.decode import generate
-from flaxgpt.io.book import params_from_book, params_to_book
-from flaxgpt.io.checkpoint import latest_checkpoint, load_model_from_checkpoint, restore_checkpoint, save_checkpoint
-
-# GPT-2 weights.
-from flaxgpt.io.hf import params_from_hf, params_to_hf
-from flaxgpt.io.pretrained import load_book, load_pretrained, save_book, save_pretrained
-
-# Chapters 3-4: attention and the model.
-from flaxgpt.nn.attention import MultiHeadAttention
-from flaxgpt.nn.kv_cache import KVCache, init_cache
-from flaxgpt.nn.layers import GELU, FeedForward, LayerNorm, TransformerBlock
-from flaxgpt.nn.model import GPTModel
-from flaxgpt.nn.params import count_params, init_params, param_bytes, param_shapes
-
-# Scale.
-from flaxgpt.sharding import make_mesh, shard_batch, shard_params, shard_train_state
-from flaxgpt.text.bpe import gpt2_tokenizer
-from flaxgpt.text.corpora import load_text
-
-# Chapter 2: text data.
+# Chapter 2: text and data.
 from flaxgpt.text.tokenizers import (
     SimpleTokenizerV1,
     SimpleTokenizerV2,
@@ -40,12 +21,36 @@ from flaxgpt.text.tokenizers import (
     text_to_token_ids,
     token_ids_to_text,
 )
-from flaxgpt.training.loop import evaluate, fit
+from flaxgpt.text.bpe import gpt2_tokenizer
+from flaxgpt.text.corpora import load_text
+from flaxgpt.data.windows import DataLoader, GPTDataset, create_dataloader, train_val_split
 
-# Chapter 5: pretraining.
+# Chapters 3-4: attention and the model.
+from flaxgpt.nn.attention import MultiHeadAttention
+from flaxgpt.nn.layers import GELU, FeedForward, LayerNorm, TransformerBlock
+from flaxgpt.nn.model import GPTModel
+from flaxgpt.nn.params import count_params, init_params, param_bytes, param_shapes
+from flaxgpt.nn.kv_cache import KVCache, init_cache
+from flaxgpt.book.generate import generate_text_simple
+
+# Generation.
+from flaxgpt.generation.decode import generate
+
+# Chapter 5: training (one loop for every task).
 from flaxgpt.training.losses import cross_entropy_loss, perplexity
 from flaxgpt.training.optim import make_optimizer
-from flaxgpt.training.state import TrainState, create_train_state, train_step
+from flaxgpt.training.tasks import PretrainTask, Task
+from flaxgpt.training.state import TrainState, create_train_state, make_train_step, train_step
+from flaxgpt.training.loop import evaluate, fit
+from flaxgpt.io.checkpoint import latest_checkpoint, load_model_from_checkpoint, restore_checkpoint, save_checkpoint
+
+# GPT-2 weights.
+from flaxgpt.io.hf import params_from_hf, params_to_hf
+from flaxgpt.io.book import params_from_book, params_to_book
+from flaxgpt.io.pretrained import load_book, load_pretrained, save_book, save_pretrained
+
+# Scale.
+from flaxgpt.sharding import make_mesh, shard_batch, shard_params, shard_train_state
 
 __all__ = [
     "__version__",
@@ -85,8 +90,11 @@ __all__ = [
     "cross_entropy_loss",
     "perplexity",
     "make_optimizer",
+    "Task",
+    "PretrainTask",
     "TrainState",
     "create_train_state",
+    "make_train_step",
     "train_step",
     "evaluate",
     "fit",

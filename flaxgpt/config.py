@@ -6,9 +6,11 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-import jax.numpy as jnp
+from flaxgpt.dtypes import COMPUTE_DTYPES
+from flaxgpt.validation import check_int, check_number
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+__all__ = ["GPTConfig", "PRESETS", "GPT_CONFIG_124M"]
+
 _INITS = ("torch", "gpt2")
 _REMAT = ("none", "full", "dots")
 _ATTENTION = ("xla", "dot_product")
@@ -74,24 +76,21 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+            check_int(f"GPTConfig.{name}", getattr(self, name), 1)
         if self.emb_dim % self.n_heads:
             raise ValueError(
                 f"GPTConfig.emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})"
             )
-        if not 0.0 <= float(self.drop_rate) < 1.0:
+        if check_number("GPTConfig.drop_rate", self.drop_rate, 0.0) >= 1.0:
             raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate!r}")
-        if not float(self.ln_eps) > 0.0:
-            raise ValueError(f"GPTConfig.ln_eps must be positive, got {self.ln_eps!r}")
+        check_number("GPTConfig.ln_eps", self.ln_eps, 0.0, open_low=True)
         for name, allowed in (("init", _INITS), ("remat", _REMAT), ("attention", _ATTENTION)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"GPTConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in _DTYPES:
+            if getattr(self, name) not in COMPUTE_DTYPES:
                 raise ValueError(
-                    f"GPTConfig.{name} must be one of {tuple(_DTYPES)}, got {getattr(self, name)!r}"
+                    f"GPTConfig.{name} must be one of {tuple(COMPUTE_DTYPES)}, got {getattr(self, name)!r}"
                 )
 
     @property
@@ -102,12 +101,12 @@ class GPTConfig:
     @property
     def compute_dtype(self) -> Any:
         """``dtype`` as a JAX dtype."""
-        return _DTYPES[self.dtype]
+        return COMPUTE_DTYPES[self.dtype]
 
     @property
     def weight_dtype(self) -> Any:
         """``param_dtype`` as a JAX dtype."""
-        return _DTYPES[self.param_dtype]
+        return COMPUTE_DTYPES[self.param_dtype]
 
     def replace(self, **changes: Any) -> GPTConfig:
         """Returns a copy with ``changes`` applied (and validated)."""
@@ -145,9 +144,15 @@ class GPTConfig:
         Returns:
           The validated config.
         """
+        names = sorted(PRESETS) + sorted(_PRESET_ALIASES)
+        if not isinstance(name, str):
+            raise ValueError(
+                f"preset name must be a str, got {name!r} ({type(name).__name__}); choose one of {names} "
+                "(sizes are strings with an M, e.g. '124M')"
+            )
         key = _PRESET_ALIASES.get(name.lower(), name.lower())
         if key not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+            raise ValueError(f"unknown preset {name!r}; choose one of {names}")
         return cls(**{**PRESETS[key], **overrides})
 
 

@@ -32,6 +32,28 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from flaxgpt.pytree import path_names
+
+__all__ = [
+    "MESH_AXES",
+    "BATCH_AXES",
+    "parse_mesh_spec",
+    "make_mesh",
+    "replicated",
+    "fsdp_spec",
+    "param_partition_specs",
+    "param_shardings",
+    "shard_params",
+    "init_sharded_params",
+    "opt_state_partition_specs",
+    "train_state_shardings",
+    "shard_train_state",
+    "batch_shards",
+    "batch_sharding",
+    "shard_batch",
+    "sharded_train_step",
+]
+
 MESH_AXES: tuple[str, str] = ("data", "fsdp")
 BATCH_AXES: tuple[str, str] = ("data", "fsdp")  # the batch dimension is split over both
 # Key of the scanned-layout blocks in the params tree: their arrays have a leading layer axis.
@@ -122,17 +144,6 @@ def _axis_size(mesh: Mesh, axis: str) -> int:
     return int(dict(mesh.shape).get(axis, 1))
 
 
-def _key_name(k: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
-def _path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
-    return tuple(_key_name(k) for k in path)
-
-
 def fsdp_spec(shape: Sequence[int], fsdp: int, skip_leading: bool = False, rows_only: bool = False) -> P:
     """The partition rule for one parameter.
 
@@ -181,7 +192,7 @@ def param_partition_specs(params: PyTree, mesh: Mesh) -> PyTree:
     fsdp = _axis_size(mesh, "fsdp")
 
     def rule(path: tuple[Any, ...], x: Any) -> P:
-        names = _path_names(path)
+        names = path_names(path)
         return fsdp_spec(
             np.shape(x), fsdp, skip_leading=_SCANNED_KEY in names, rows_only=names[-1:] == ("embedding",)
         )
@@ -252,11 +263,11 @@ def opt_state_partition_specs(opt_state: PyTree, params: PyTree, mesh: Mesh) -> 
     by_path: dict[tuple[str, ...], tuple[tuple[int, ...], P]] = {}
     spec_leaves = jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P))
     for (path, x), spec in zip(jax.tree_util.tree_flatten_with_path(params)[0], spec_leaves):
-        by_path[_path_names(path)] = (tuple(np.shape(x)), spec)
+        by_path[path_names(path)] = (tuple(np.shape(x)), spec)
     lengths = sorted({len(p) for p in by_path}, reverse=True)
 
     def rule(path: tuple[Any, ...], x: Any) -> P:
-        names = _path_names(path)
+        names = path_names(path)
         for n in lengths:
             if n <= len(names) and names[len(names) - n :] in by_path:
                 shape, spec = by_path[names[len(names) - n :]]
@@ -381,78 +392,4 @@ def sharded_train_step(step_fn: Callable[..., Any], state: Any, mesh: Mesh) -> C
     )
 
 
-# --------------------------------------------------------------------------- plugging into fit
 
-
-def batch_placer(mesh: Mesh) -> Callable[[Any, Any], tuple[jax.Array, jax.Array]]:
-    """A ``shard_batch(inputs, targets)`` callable for :func:`flaxgpt.train.fit` and ``evaluate``.
-
-    Batches whose size divides by the mesh's batch shards are split with :func:`shard_batch`. On a
-    single host, a smaller last batch (a validation loader with ``drop_last=False``) is replicated
-    instead, so every device computes it whole: correct, only not parallel. On several hosts an uneven
-    batch is an error, as in :func:`shard_batch`.
-
-    Args:
-      mesh: the mesh.
-
-    Returns:
-      The callable, mapping numpy (B, T) inputs and targets to global arrays.
-    """
-    shards, rep = batch_shards(mesh), replicated(mesh)
-
-    def place(inputs: Any, targets: Any) -> tuple[jax.Array, jax.Array]:
-        if np.shape(inputs)[0] % shards and jax.process_count() == 1:
-            return jax.device_put(inputs, rep), jax.device_put(targets, rep)
-        return shard_batch((inputs, targets), mesh)
-
-    return place
-
-
-def check_mesh(mesh_spec: str, batch_size: int) -> dict[str, int]:
-    """Checks a ``--mesh`` value against the devices and the batch size, before any work is done.
-
-    Args:
-      mesh_spec: e.g. ``"data=2,fsdp=4"``.
-      batch_size: the batch size per host (the global batch is this times ``jax.process_count()``).
-
-    Returns:
-      The axis sizes, as :func:`parse_mesh_spec`.
-
-    Raises:
-      ValueError: when the spec is malformed, does not fit the devices, or the global batch size does
-        not divide by ``data * fsdp``.
-    """
-    sizes = parse_mesh_spec(mesh_spec)
-    shards = math.prod(sizes[a] for a in BATCH_AXES)
-    global_batch = batch_size * jax.process_count()
-    if global_batch % shards:
-        raise ValueError(
-            f"batch size {global_batch} is not divisible by the {shards} batch shards of mesh "
-            f"{mesh_spec!r}; use a batch size that is a multiple of {shards}"
-        )
-    return sizes
-
-
-def fit_placement(
-    state: Any, mesh_spec: str, batch_size: int
-) -> tuple[Any, Callable[[Any, Any], tuple[jax.Array, jax.Array]], Callable[..., Any]]:
-    """Everything ``flaxgpt train --mesh SPEC`` needs: ``(state, shard_batch, step_fn)`` for ``fit``.
-
-    Args:
-      state: the train state (fresh or restored), on one device or on the host.
-      mesh_spec: the ``--mesh`` value, e.g. ``"data=2,fsdp=4"``.
-      batch_size: the training batch size (per host on several hosts), checked by :func:`check_mesh`.
-
-    Returns:
-      The state placed on the mesh, a batch placer (:func:`batch_placer`) and
-      ``flaxgpt.train.train_step`` compiled for the mesh (:func:`sharded_train_step`).
-
-    Raises:
-      ValueError: as :func:`check_mesh`.
-    """
-    from flaxgpt.training.state import train_step
-
-    check_mesh(mesh_spec, batch_size)
-    mesh = make_mesh(mesh_spec)
-    state = shard_train_state(state, mesh)
-    return state, batch_placer(mesh), sharded_train_step(train_step, state, mesh)

@@ -19,16 +19,10 @@ from flaxgpt.data.windows import DataLoader
 from flaxgpt.generation.decode import generate
 from flaxgpt.nn.model import GPTModel
 from flaxgpt.nn.params import convert_layout, init_params
-from flaxgpt.sharding import (
-    fit_placement,
-    make_mesh,
-    shard_batch,
-    shard_params,
-    shard_train_state,
-    sharded_train_step,
-)
+from flaxgpt.sharding import make_mesh, shard_batch, shard_params, shard_train_state, sharded_train_step
 from flaxgpt.training.loop import fit
 from flaxgpt.training.optim import make_optimizer
+from flaxgpt.training.placement import fit_placement
 from flaxgpt.training.state import TrainState, create_train_state, train_step
 
 # 98 tokens: a vocabulary that does not split 4 or 8 ways, like GPT-2's 50,257.

@@ -183,3 +183,19 @@ def test_eos_stops_generation(gpt2_tok, capsys, tmp_path):
     argv = ["generate", "--pretrained", str(tmp_path / "eos"), "--prompt", PROMPT, "--max-new-tokens", "3"]
     assert run_cli(capsys, *argv)[1] == PROMPT + "<|endoftext|>" * 3 + "\n"
     assert run_cli(capsys, *argv, "--eos")[1] == PROMPT + "\n"
+
+
+def test_non_finite_weights_are_refused_unless_allowed(capsys, tmp_path):
+    params = random_params(TINY)
+    params["final_norm"]["scale"][0] = np.nan
+    src = save_pretrained(TINY, params, tmp_path / "nan")
+    gen = ["generate", "--pretrained", str(src), "--prompt", "hi", "--max-new-tokens", "1"]
+    code, _, err = run_cli(capsys, *gen)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "'ln_f.weight' holds 1 non-finite value " in err and "--allow-non-finite" in err
+    conv = ["convert", str(src), str(tmp_path / "out")]
+    code, _, err = run_cli(capsys, *conv)
+    assert code == 2 and "non-finite" in err and not (tmp_path / "out").exists()
+    code, out, _ = run_cli(capsys, *conv, "--allow-non-finite")
+    assert code == 0 and "converted" in out
+    assert np.isnan(load_pretrained(tmp_path / "out", allow_non_finite=True)[1]["final_norm"]["scale"][0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax.numpy as jnp
 import pytest
@@ -133,3 +134,18 @@ def test_dtype_properties():
     cfg = GPTConfig(dtype="bfloat16")
     assert cfg.compute_dtype == jnp.bfloat16
     assert cfg.weight_dtype == jnp.float32
+
+
+@pytest.mark.parametrize("bad", [124, 355.0, None, ("gpt2",)])
+def test_preset_name_must_be_a_string(bad):
+    # preset(124) used to fail with AttributeError: 'int' object has no attribute 'lower'
+    with pytest.raises(ValueError, match=rf"preset name must be a str, got {re.escape(repr(bad))}.*gpt2-small.*124M"):
+        GPTConfig.preset(bad)
+
+
+def test_dtypes_come_from_the_one_dtype_table():
+    from flaxgpt.dtypes import COMPUTE_DTYPES
+
+    for name, dtype in COMPUTE_DTYPES.items():
+        cfg = GPTConfig(dtype=name, param_dtype=name)
+        assert cfg.compute_dtype == dtype and cfg.weight_dtype == dtype

@@ -1,5 +1,4 @@
-"""Chapter 4's building blocks: LayerNorm and GELU against torch, FeedForward, the transformer block, and
-the shortcut-connection demo against the book's gradient table."""
+"""flaxgpt.nn.layers: LayerNorm and GELU against PyTorch, FeedForward, and the pre-LN TransformerBlock."""
 
 from __future__ import annotations
 
@@ -10,18 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxgpt.book.shortcut import ExampleDeepNeuralNetwork
 from flaxgpt.config import GPTConfig
 from flaxgpt.nn.layers import GELU, FeedForward, LayerNorm, TransformerBlock, gelu
-
-TINY = GPTConfig(vocab_size=64, context_length=8, emb_dim=16, n_heads=4, n_layers=2, drop_rate=0.1)
 
 
 def _rand(key: int, shape: tuple[int, ...], scale: float = 1.0) -> jax.Array:
     return scale * jax.random.normal(jax.random.key(key), shape)
-
-
-# --------------------------------------------------------------------------- LayerNorm
 
 
 def test_layer_norm_params_and_normalisation():
@@ -75,9 +68,6 @@ def test_layer_norm_bfloat16_computes_in_float32_and_casts_back():
     np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=2e-2)
 
 
-# --------------------------------------------------------------------------- GELU
-
-
 def test_gelu_equals_torch_tanh_form():
     torch = pytest.importorskip("torch")
     x = np.linspace(-6.0, 6.0, 1001, dtype=np.float32)
@@ -93,11 +83,8 @@ def test_gelu_is_the_tanh_approximation_not_erf():
     assert abs(float(gelu(jnp.array(1.5)) - exact)) > 1e-5  # distinguishable from the erf form
 
 
-# --------------------------------------------------------------------------- FeedForward, block
-
-
-def test_feed_forward_shapes_and_4x_width():
-    cfg = TINY
+def test_feed_forward_shapes_and_4x_width(tiny_config):
+    cfg = tiny_config(emb_dim=16)
     x = _rand(0, (2, 3, cfg.emb_dim))
     ff = FeedForward(cfg)
     params = ff.init(jax.random.key(0), x)["params"]
@@ -116,19 +103,20 @@ def _block_params(cfg: GPTConfig, x: jax.Array):
     return TransformerBlock(cfg).init(jax.random.key(0), x)["params"]
 
 
-def test_transformer_block_structure_and_shape():
-    x = _rand(0, (2, 4, TINY.emb_dim))
-    params = _block_params(TINY, x)
+def test_transformer_block_structure_and_shape(tiny_config):
+    cfg = tiny_config()
+    x = _rand(0, (2, 4, cfg.emb_dim))
+    params = _block_params(cfg, x)
     assert set(params) == {"norm1", "att", "norm2", "ff"}
     assert set(params["att"]) == {"W_query", "W_key", "W_value", "out_proj"}
-    out, kv = TransformerBlock(TINY).apply({"params": params}, x)
+    out, kv = TransformerBlock(cfg).apply({"params": params}, x)
     assert out.shape == x.shape and kv is None
 
 
-def test_transformer_block_is_pre_ln_with_shortcuts():
+def test_transformer_block_is_pre_ln_with_shortcuts(tiny_config):
     from flaxgpt.nn.attention import MultiHeadAttention
 
-    cfg = TINY
+    cfg = tiny_config()
     x = _rand(0, (2, 4, cfg.emb_dim))
     p = _block_params(cfg, x)
     out, _ = TransformerBlock(cfg).apply({"params": p}, x)
@@ -140,8 +128,8 @@ def test_transformer_block_is_pre_ln_with_shortcuts():
     np.testing.assert_allclose(out, x2, rtol=1e-5, atol=1e-5)
 
 
-def test_transformer_block_dropout_reproducible_and_inactive_when_deterministic():
-    cfg = TINY.replace(drop_rate=0.5)
+def test_transformer_block_dropout_reproducible_and_inactive_when_deterministic(tiny_config):
+    cfg = tiny_config(drop_rate=0.5)
     x = _rand(0, (2, 4, cfg.emb_dim))
     p = _block_params(cfg, x)
     block = TransformerBlock(cfg)
@@ -155,83 +143,3 @@ def test_transformer_block_dropout_reproducible_and_inactive_when_deterministic(
     assert not np.allclose(run(1), clean)
     det, _ = block.apply({"params": p}, x, deterministic=True, rngs={"dropout": jax.random.key(1)})
     np.testing.assert_array_equal(det, clean)
-
-
-# --------------------------------------------------------------------------- shortcut demo (4.4)
-
-BOOK_LAYER_SIZES = [3, 3, 3, 3, 3, 1]
-BOOK_INPUT = jnp.array([[1.0, 0.0, -1.0]])
-
-# The book's printed mean |grad| of each layer's weight, torch.manual_seed(123).
-BOOK_GRADS_PLAIN = [
-    0.00020173587836325169,
-    0.0001201116101583466,
-    0.0007152041653171182,
-    0.001398873864673078,
-    0.005049646366387606,
-]
-BOOK_GRADS_SHORTCUT = [
-    0.22169792652130127,
-    0.20694105327129364,
-    0.32896995544433594,
-    0.2665732502937317,
-    1.3258541822433472,
-]
-
-
-def _weight_grad_means(params, use_shortcut: bool) -> list[float]:
-    model = ExampleDeepNeuralNetwork(BOOK_LAYER_SIZES, use_shortcut)
-
-    def loss(p):
-        out = model.apply({"params": p}, BOOK_INPUT)
-        return jnp.mean((out - jnp.zeros_like(out)) ** 2)  # MSE against target [[0.]]
-
-    grads = jax.grad(loss)(params)
-    return [float(jnp.abs(grads[f"layers_{i}"]["kernel"]).mean()) for i in range(len(BOOK_LAYER_SIZES) - 1)]
-
-
-def test_example_dnn_params_and_shapes():
-    for use_shortcut in (False, True):
-        model = ExampleDeepNeuralNetwork(BOOK_LAYER_SIZES, use_shortcut)
-        p = model.init(jax.random.key(0), BOOK_INPUT)["params"]
-        assert sorted(p) == [f"layers_{i}" for i in range(5)]
-        assert p["layers_4"]["kernel"].shape == (3, 1)
-        assert model.apply({"params": p}, BOOK_INPUT).shape == (1, 1)
-
-
-def test_example_dnn_shortcut_changes_output():
-    p = ExampleDeepNeuralNetwork(BOOK_LAYER_SIZES, False).init(jax.random.key(0), BOOK_INPUT)["params"]
-    plain = ExampleDeepNeuralNetwork(BOOK_LAYER_SIZES, False).apply({"params": p}, BOOK_INPUT)
-    short = ExampleDeepNeuralNetwork(BOOK_LAYER_SIZES, True).apply({"params": p}, BOOK_INPUT)
-    assert not np.allclose(plain, short)
-
-
-def test_example_dnn_shortcuts_keep_gradients_large():
-    p = ExampleDeepNeuralNetwork(BOOK_LAYER_SIZES, False).init(jax.random.key(123), BOOK_INPUT)["params"]
-    plain = _weight_grad_means(p, use_shortcut=False)
-    short = _weight_grad_means(p, use_shortcut=True)
-    assert plain[0] < plain[-1]  # vanishing towards the input without shortcuts
-    assert min(short) > max(plain[:-1])
-
-
-def _book_torch_weights(torch):
-    """The book's network built in torch with torch.manual_seed(123), as flax params."""
-    torch.manual_seed(123)
-    layers = [
-        torch.nn.Linear(d_in, d_out)
-        for d_in, d_out in zip(BOOK_LAYER_SIZES[:-1], BOOK_LAYER_SIZES[1:], strict=True)
-    ]
-    return {
-        f"layers_{i}": {
-            "kernel": jnp.asarray(lin.weight.detach().numpy().T),
-            "bias": jnp.asarray(lin.bias.detach().numpy()),
-        }
-        for i, lin in enumerate(layers)
-    }
-
-
-@pytest.mark.parametrize("use_shortcut, book", [(False, BOOK_GRADS_PLAIN), (True, BOOK_GRADS_SHORTCUT)])
-def test_example_dnn_reproduces_book_gradient_table(use_shortcut, book):
-    torch = pytest.importorskip("torch")
-    params = _book_torch_weights(torch)
-    np.testing.assert_allclose(_weight_grad_means(params, use_shortcut), book, rtol=1e-4)

@@ -5,14 +5,14 @@ Needs the ``parity`` extra (torch + transformers); skipped without it. f32 on CP
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 nn = torch.nn
+
+from _book_torch import BookGPTModel  # noqa: E402
 
 from flaxgpt.config import GPTConfig  # noqa: E402
 from flaxgpt.io.book import params_from_book, params_to_book  # noqa: E402
@@ -102,78 +102,6 @@ def test_exported_weights_give_flaxgpt_logits_in_hf(tie, qkv_bias):
 
 
 # --------------------------------------------------------------------------- the book's PyTorch model
-
-
-class BookLayerNorm(nn.Module):
-    def __init__(self, emb_dim):
-        super().__init__()
-        self.eps = 1e-5
-        self.scale = nn.Parameter(torch.ones(emb_dim))
-        self.shift = nn.Parameter(torch.zeros(emb_dim))
-
-    def forward(self, x):
-        mean = x.mean(dim=-1, keepdim=True)
-        var = x.var(dim=-1, keepdim=True, unbiased=False)
-        return self.scale * (x - mean) / torch.sqrt(var + self.eps) + self.shift
-
-
-class BookGELU(nn.Module):
-    def forward(self, x):
-        return 0.5 * x * (1 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
-
-
-class BookMultiHeadAttention(nn.Module):
-    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
-        super().__init__()
-        self.d_out, self.num_heads, self.head_dim = d_out, num_heads, d_out // num_heads
-        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.out_proj = nn.Linear(d_out, d_out)
-        self.dropout = nn.Dropout(dropout)
-        self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length), diagonal=1))
-
-    def forward(self, x):
-        b, t, _ = x.shape
-        split = lambda y: y.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # noqa: E731
-        q, k, v = split(self.W_query(x)), split(self.W_key(x)), split(self.W_value(x))
-        scores = (q @ k.transpose(2, 3)).masked_fill(self.mask.bool()[:t, :t], -torch.inf)
-        weights = self.dropout(torch.softmax(scores / k.shape[-1] ** 0.5, dim=-1))
-        return self.out_proj((weights @ v).transpose(1, 2).contiguous().view(b, t, self.d_out))
-
-
-class BookTransformerBlock(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        c = cfg["emb_dim"]
-        self.att = BookMultiHeadAttention(
-            c, c, cfg["context_length"], cfg["drop_rate"], cfg["n_heads"], cfg["qkv_bias"]
-        )
-        self.ff = nn.Module()
-        self.ff.layers = nn.Sequential(nn.Linear(c, 4 * c), BookGELU(), nn.Linear(4 * c, c))
-        self.norm1, self.norm2 = BookLayerNorm(c), BookLayerNorm(c)
-        self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
-
-    def forward(self, x):
-        x = x + self.drop_shortcut(self.att(self.norm1(x)))
-        return x + self.drop_shortcut(self.ff.layers(self.norm2(x)))
-
-
-class BookGPTModel(nn.Module):
-    """The book's chapter-4 GPTModel (same module names, so the same state-dict keys)."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
-        self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
-        self.drop_emb = nn.Dropout(cfg["drop_rate"])
-        self.trf_blocks = nn.Sequential(*[BookTransformerBlock(cfg) for _ in range(cfg["n_layers"])])
-        self.final_norm = BookLayerNorm(cfg["emb_dim"])
-        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
-
-    def forward(self, idx):
-        x = self.tok_emb(idx) + self.pos_emb(torch.arange(idx.shape[1]))
-        return self.out_head(self.final_norm(self.trf_blocks(self.drop_emb(x))))
 
 
 @pytest.mark.parametrize("qkv_bias", [True, False])

@@ -380,3 +380,29 @@ def test_flaxgpt_save_pretrained_loads_in_transformers(tmp_path, tie, qkv_bias):
     with torch.no_grad():
         got = model(torch.as_tensor(idx)).logits.numpy()
     np.testing.assert_allclose(got, np.asarray(forward(GPTModel(cfg), params, idx)), atol=1e-4, rtol=0)
+
+
+# --------------------------------------------------------------------------- non-finite weights
+
+
+def test_weight_files_holding_nan_or_inf_are_refused(tmp_path):
+    params = random_params(GPT2_TINY)
+    params["trf_blocks_0"]["ff"]["fc2"]["bias"][:4] = [np.nan, np.inf, -np.inf, np.nan]
+    folder = save_pretrained(GPT2_TINY, params, tmp_path / "hf")  # writing is not refused: reading is
+    with pytest.raises(
+        ValueError, match=r"model.safetensors: tensor 'h.0.mlp.c_proj.bias' holds 4 non-finite"
+    ):
+        load_pretrained(folder)
+    with pytest.raises(ValueError, match="non-finite"):
+        load_any(folder)
+    cfg, got = load_pretrained(folder, allow_non_finite=True)
+    assert int(jnp.isnan(got["trf_blocks_0"]["ff"]["fc2"]["bias"]).sum()) == 2
+    assert load_any(folder, allow_non_finite=True)[2] == "hf"
+
+    book = save_book(GPT2_TINY, params, tmp_path / "book.safetensors")
+    with pytest.raises(ValueError, match=r"'trf_blocks.0.ff.layers.2.bias' holds 4 non-finite values"):
+        load_book(book, n_heads=4)
+    with pytest.raises(ValueError, match="non-finite"):
+        load_any(book, n_heads=4)
+    _, got = load_book(book, n_heads=4, allow_non_finite=True)
+    assert int(jnp.isinf(got["trf_blocks_0"]["ff"]["fc2"]["bias"]).sum()) == 2

@@ -15,14 +15,15 @@ import numpy as np
 
 from flaxgpt.generation.buckets import prompt_bucket
 from flaxgpt.nn.model import GPTModel, Params
-from flaxgpt.validation import check_token_ids
+from flaxgpt.validation import check_int, check_token_ids
 
 __all__ = ["generate_text_simple"]
 
+
 @functools.partial(jax.jit, static_argnums=0)
 def _last_logits(model: GPTModel, params: Params, idx: jax.Array, last: jax.Array) -> jax.Array:
-    logits = model.apply({"params": params}, idx, deterministic=True)  # (B, T, V)
-    return logits[:, last]  # (B, V)
+    positions = jnp.full((idx.shape[0],), last, jnp.int32)  # (B,)
+    return model.apply({"params": params}, idx, deterministic=True, positions=positions)  # (B, V)
 
 
 def generate_text_simple(
@@ -48,10 +49,8 @@ def generate_text_simple(
     idx = check_token_ids(idx, cfg.vocab_size)
     if idx.ndim != 2 or idx.shape[1] == 0:
         raise ValueError(f"idx must have shape (B, T) with T >= 1, got {idx.shape}")
-    if not 0 < context_size <= cfg.context_length:
-        raise ValueError(f"context_size must be in [1, {cfg.context_length}], got {context_size}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    context_size = check_int("context_size", context_size, 1, cfg.context_length + 1)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 0)
     for _ in range(max_new_tokens):
         window = idx[:, -context_size:]  # (B, t)
         t = window.shape[1]

@@ -2,7 +2,8 @@
 
 Each subcommand lives in its own module exposing ``add_parser(subparsers)`` and ``run(args) -> int``.
 This module only assembles them and turns expected failures (bad input) into a one-line message and a
-non-zero exit status, never a traceback.
+non-zero exit status, never a traceback. ``-v/--verbose`` (before or after the command) logs at DEBUG
+level, e.g. why each checkpoint of a run failed verification.
 """
 
 from __future__ import annotations
@@ -40,7 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.add_parser(sub)
+        # also after the command (`flaxgpt generate ... --verbose`); SUPPRESS keeps a global -v when absent
+        sub.choices[name].add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log debug messages"
+        )
     return parser
+
+
+def _error_line(command: str, error: BaseException, verbose: bool) -> str:
+    """The one line printed for an expected failure; errors with per-item reasons (e.g. every
+    checkpoint of a run is corrupt) say where to find them."""
+    hint = "; run with --verbose for the reasons" if getattr(error, "reasons", ()) and not verbose else ""
+    return f"flaxgpt {command}: error: {error}{hint}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -66,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (CLIError, ValueError, FileNotFoundError, NotADirectoryError, UnicodeDecodeError) as e:
-        print(f"flaxgpt {args.command}: error: {e}", file=sys.stderr)
+        print(_error_line(args.command, e, args.verbose), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"flaxgpt {args.command}: interrupted", file=sys.stderr)

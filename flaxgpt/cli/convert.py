@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from flaxgpt.dtypes import WEIGHT_DTYPES
+
 _EPILOG = """\
 SRC (detected):
   a Hugging Face GPT-2 folder   config.json + model.safetensors (or a sharded checkpoint with its index)
@@ -39,7 +41,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--n-heads", type=int, default=None, metavar="H", help="heads of a book file of non-GPT-2 width"
     )
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="cast the weights")
+    p.add_argument("--dtype", choices=WEIGHT_DTYPES, default=None, help="cast the weights")
+    p.add_argument(
+        "--allow-non-finite", action="store_true", help="convert weights holding NaN or inf instead of refusing"
+    )
     p.set_defaults(func=run)
 
 
@@ -50,7 +55,9 @@ def run(args: argparse.Namespace) -> int:
 
     to = args.to or ("book" if str(args.dst).endswith(".safetensors") else "hf")
     try:
-        cfg, params, fmt = load_any(args.src, n_heads=args.n_heads, dtype=args.dtype)
+        cfg, params, fmt = load_any(
+            args.src, n_heads=args.n_heads, dtype=args.dtype, allow_non_finite=args.allow_non_finite
+        )
     except ImportError as e:
         raise CLIError(str(e)) from e
     if to == "book":

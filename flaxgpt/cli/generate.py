@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from flaxgpt.dtypes import WEIGHT_DTYPES
+
 logger = logging.getLogger(__name__)
 
 
@@ -42,7 +44,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling threshold")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="PRNG seed for sampling (default 0)")
     p.add_argument("--eos", action="store_true", help="stop at <|endoftext|> (id 50256)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="parameter/compute dtype")
+    p.add_argument("--dtype", choices=WEIGHT_DTYPES, default=None, help="parameter/compute dtype")
+    p.add_argument(
+        "--allow-non-finite", action="store_true", help="load weights holding NaN or inf instead of refusing"
+    )
     p.add_argument(
         "--n-heads", type=int, default=None, metavar="H", help="heads of a book file of non-GPT-2 width"
     )
@@ -54,23 +59,32 @@ def run(args: argparse.Namespace) -> int:
 
     from flaxgpt.cli import CLIError
     from flaxgpt.generation.decode import generate
-    from flaxgpt.io.checkpoint import resolve_checkpoint
+    from flaxgpt.io.checkpoint import load_model_from_checkpoint
     from flaxgpt.io.pretrained import detect_format, load_any
     from flaxgpt.nn.model import GPTModel
     from flaxgpt.text.tokenizers import get_tokenizer, text_to_token_ids
 
     source = args.pretrained if args.pretrained is not None else args.checkpoint
-    if args.checkpoint is not None and detect_format(source) != "checkpoint":
+    fmt = detect_format(source)
+    if args.checkpoint is not None and fmt != "checkpoint":
         raise CLIError(f"{source} is not a flaxgpt run or checkpoint folder (use --pretrained for weights)")
     if not args.prompt:
         raise CLIError("--prompt is empty")
+    tokenizer = "gpt2"  # published weights use GPT-2's; a training run records its own
     try:
-        cfg, params, fmt = load_any(source, n_heads=args.n_heads, dtype=args.dtype)
+        if fmt == "checkpoint":
+            cfg, params, info = load_model_from_checkpoint(
+                source, dtype=args.dtype, allow_non_finite=args.allow_non_finite
+            )
+            tokenizer = info["tokenizer"]
+        else:
+            cfg, params, fmt = load_any(
+                source, n_heads=args.n_heads, dtype=args.dtype, allow_non_finite=args.allow_non_finite
+            )
     except ImportError as e:
         raise CLIError(str(e)) from e
     logger.debug("loaded %s weights from %s", fmt, source)
-    # a training run records its tokenizer; published weights use GPT-2's
-    tok = get_tokenizer(resolve_checkpoint(source)[1].get("tokenizer", "gpt2") if fmt == "checkpoint" else "gpt2")
+    tok = get_tokenizer(tokenizer)
     ids = text_to_token_ids(args.prompt, tok)[0]  # (T,)
     out = generate(
         GPTModel(cfg),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import signal
@@ -22,36 +23,22 @@ from flaxgpt.cli import CLIError
 
 # Defaults of every training option. Options default to None on the command line so that, with
 # --resume, values not given again come from the run's saved config.json.
-DEFAULTS: dict[str, Any] = {
-    "text": "pydoc",
-    "tokenizer": "auto",
-    "preset": None,
-    "epochs": 10,
-    "max_steps": 500,
-    "batch_size": 8,
-    "stride": None,  # = context length, as the book
-    "val_ratio": 0.1,
-    "lr": 1e-3,
-    "weight_decay": 0.1,
-    "warmup_steps": 0,
-    "min_lr": None,  # None: constant lr after warmup (the book); a number: cosine decay to it
-    "grad_clip": None,
-    "accumulate_steps": 1,
-    "eval_freq": 50,
-    "eval_iter": 5,
-    "checkpoint_every": 200,
-    "keep_checkpoints": 3,
-    "seed": 123,
-    "start_context": None,  # BOOK_PROMPT, or PYDOC_PROMPT for the pydoc corpus
-}
-# The model `flaxgpt train` builds without --preset: small enough for a few minutes on 2 CPU cores.
-DEFAULT_MODEL: dict[str, Any] = dict(
-    context_length=64, emb_dim=128, n_layers=4, n_heads=4, drop_rate=0.1, qkv_bias=False
+DEFAULTS: dict[str, Any] = dict(
+    text="pydoc", tokenizer="auto", preset=None, epochs=10, max_steps=500, batch_size=8,
+    stride=None,  # = context length, as the book
+    val_ratio=0.1, lr=1e-3, weight_decay=0.1, warmup_steps=0,
+    min_lr=None,  # None: constant lr after warmup (the book); a number: cosine decay to it
+    grad_clip=None, accumulate_steps=1, eval_freq=50, eval_iter=5, checkpoint_every=200, keep_checkpoints=3,
+    seed=123,
+    start_context=None,  # BOOK_PROMPT, or PYDOC_PROMPT for the pydoc corpus
 )
+# The model `flaxgpt train` builds without --preset: small enough for a few minutes on 2 CPU cores.
+DEFAULT_MODEL: dict[str, Any] = dict(context_length=64, emb_dim=128, n_layers=4, n_heads=4, drop_rate=0.1, qkv_bias=False)
 MODEL_FLAGS = ("emb_dim", "n_layers", "n_heads", "context_length", "drop_rate")
 # Options that fix the data order: a resumed run must use the saved values.
 DATA_OPTIONS = ("text", "tokenizer", "batch_size", "stride", "val_ratio", "seed", "accumulate_steps")
 CONFIG_FILE = "config.json"
+LOSS_PLOT = "loss.png"  # as flaxgpt.training.run_dir.LOSS_PLOT (not imported here: keeps --help fast)
 BOOK_PROMPT = "Every effort moves you"
 PYDOC_PROMPT = "The for statement is used to"
 SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.8, 40
@@ -126,13 +113,9 @@ def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Path, Path | Non
     given = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k, None) is not None}
     saved_model = saved_sha = ckpt = None
     if args.resume is not None:
-        if args.resume == "latest":
-            if args.out is None:
-                raise CLIError("--resume needs --out DIR (the run to continue) or a checkpoint path")
-            source = Path(args.out)
-        else:
-            source = Path(args.resume)
-        ckpt, meta = resolve_checkpoint(source)
+        if args.resume == "latest" and args.out is None:
+            raise CLIError("--resume needs --out DIR (the run to continue) or a checkpoint path")
+        ckpt, meta = resolve_checkpoint(Path(args.out if args.resume == "latest" else args.resume))
         saved = dict(meta.get("extra", {}).get("train_args", {}))
         for k in DATA_OPTIONS:
             if k in given and k in saved and given[k] != saved[k]:
@@ -186,42 +169,18 @@ def _tokenizer(name: str) -> tuple[Any, str]:
 
 
 def _check_settings(s: dict[str, Any]) -> None:
-    for name in ("epochs", "batch_size", "eval_freq", "eval_iter", "accumulate_steps", "keep_checkpoints"):
-        if s[name] < 1:
-            raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {s[name]}")
-    if s["max_steps"] is not None and s["max_steps"] < 0:
-        raise CLIError(f"--max-steps must be >= 0 (0: no limit), got {s['max_steps']}")
-    for name in ("stride",):
-        if s[name] is not None and s[name] < 1:
-            raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {s[name]}")
-    for name in ("warmup_steps", "checkpoint_every", "seed"):
-        if s[name] < 0:
-            raise CLIError(f"--{name.replace('_', '-')} must be >= 0, got {s[name]}")
+    low = dict.fromkeys(("epochs", "batch_size", "eval_freq", "eval_iter", "accumulate_steps", "keep_checkpoints",
+                         "stride"), 1)
+    low.update(dict.fromkeys(("warmup_steps", "checkpoint_every", "seed", "max_steps"), 0))
+    for name, bound in low.items():
+        if s[name] is not None and s[name] < bound:
+            note = " (0: no limit)" if name == "max_steps" else ""
+            raise CLIError(f"--{name.replace('_', '-')} must be >= {bound}{note}, got {s[name]}")
     if not 0.0 < s["val_ratio"] < 1.0:
         raise CLIError(f"--val-ratio must be in (0, 1), got {s['val_ratio']}")
 
 
-# --------------------------------------------------------------------------- progress
-
-
-class _TqdmHandler(logging.Handler):
-    def emit(self, record: logging.LogRecord) -> None:
-        from tqdm.auto import tqdm
-
-        tqdm.write(self.format(record), file=sys.stderr)
-
-
-@contextlib.contextmanager
-def _log_through_tqdm() -> Iterator[None]:
-    root = logging.getLogger()
-    old = root.handlers[:]
-    handler = _TqdmHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    root.handlers = [handler]
-    try:
-        yield
-    finally:
-        root.handlers = old
+# --------------------------------------------------------------------------- run pieces
 
 
 def _final_sample(state: Any, tok: Any, prompt: str, seed: int) -> str:
@@ -238,50 +197,26 @@ def _final_sample(state: Any, tok: Any, prompt: str, seed: int) -> str:
     return token_ids_to_text(out, tok)
 
 
-def _placement(state: Any, mesh: str | None, batch_size: int) -> tuple[Any, Any, Any]:
-    """Where batches and state live. Single device: as they are. With ``--mesh``: (sharded state,
-    ``shard_batch``, sharded step) from ``flaxgpt.sharding``."""
-    if mesh is None:
-        return state, None, None
-    from flaxgpt.sharding import fit_placement
-
-    return fit_placement(state, mesh, batch_size)
-
-
 # --------------------------------------------------------------------------- run
 
 
-def run(args: argparse.Namespace) -> int:
-    import jax
-    from tqdm.auto import tqdm
+@dataclasses.dataclass
+class _Data:
+    """The tokenized text, its loaders and its hash."""
 
+    train_loader: Any
+    val_loader: Any
+    train_tokens: int
+    val_tokens: int
+    text_sha: str
+
+
+def _load_data(s: dict[str, Any], cfg: Any, tok: Any, saved_sha: str | None) -> _Data:
+    """Loads and splits the text into the training and validation loaders, with one-line errors."""
     from flaxgpt.data.windows import DataLoader, train_val_split
-    from flaxgpt.io.checkpoint import list_checkpoints, restore_checkpoint
-    from flaxgpt.io.files import write_json as write_json_atomic
-    from flaxgpt.nn.model import GPTModel
-    from flaxgpt.nn.params import count_params, init_params
     from flaxgpt.text.corpora import load_text
     from flaxgpt.text.tokenizers import text_to_token_ids
-    from flaxgpt.training.loop import NonFiniteLossError, Position, fit
-    from flaxgpt.training.metrics import METRICS_FILE, read_metrics
-    from flaxgpt.training.optim import make_optimizer
-    from flaxgpt.training.plotting import plot_metrics
-    from flaxgpt.training.state import create_train_state
 
-    s, out, ckpt, saved_model, saved_sha = _resolve(args)
-    _check_settings(s)
-    if s["start_context"] is None:
-        s["start_context"] = PYDOC_PROMPT if s["text"] in ("pydoc", "python-docs") else BOOK_PROMPT
-    if args.mesh is not None:
-        from flaxgpt.sharding import check_mesh
-
-        check_mesh(args.mesh, s["batch_size"])  # fail on a bad --mesh before any work
-    if ckpt is None and any((out / "checkpoints").glob("step_*")):
-        raise CLIError(f"{out} already holds checkpoints: pass --resume to continue it, or another --out")
-    tok, s["tokenizer"] = _tokenizer(s["tokenizer"])
-    cfg = _model_config(args, s, saved_model)
-    if saved_model is None and s["tokenizer"] == "bytes":
-        cfg = cfg.replace(vocab_size=tok.n_vocab)  # no 50,257-way head for a 257-token vocabulary
     stride = s["stride"] or cfg.context_length
     try:
         text = load_text(s["text"])
@@ -290,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
     if cfg.vocab_size < tok.n_vocab:
         raise CLIError(f"vocab_size {cfg.vocab_size} is smaller than the tokenizer's {tok.n_vocab} tokens")
     text_sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    if ckpt is not None and saved_sha not in (None, text_sha):
+    if saved_sha not in (None, text_sha):
         raise CLIError(f"the text {s['text']!r} differs from the one the checkpoint was trained on")
     train_text, val_text = train_val_split(text, 1.0 - s["val_ratio"])
     train_ids = text_to_token_ids(train_text, tok)[0]  # (N,)
@@ -315,12 +250,16 @@ def run(args: argparse.Namespace) -> int:
     val_loader = DataLoader.from_token_ids(
         val_ids, s["batch_size"], cfg.context_length, stride, shuffle=False, drop_last=False
     )
+    return _Data(train_loader, val_loader, train_ids.size, val_ids.size, text_sha)
 
-    updates_per_epoch = len(train_loader) // s["accumulate_steps"]
+
+def _optimizer(s: dict[str, Any], n_batches: int) -> tuple[Any, int, int | None]:
+    """The optimizer, the updates the run makes in total and ``max_steps`` (None: no limit)."""
+    from flaxgpt.training.optim import make_optimizer
+
+    updates_per_epoch = n_batches // s["accumulate_steps"]
     if updates_per_epoch == 0:
-        raise CLIError(
-            f"one epoch has {len(train_loader)} batches, fewer than --accumulate-steps {s['accumulate_steps']}"
-        )
+        raise CLIError(f"one epoch has {n_batches} batches, fewer than --accumulate-steps {s['accumulate_steps']}")
     max_steps = s["max_steps"] or None  # 0: no limit
     total = s["epochs"] * updates_per_epoch
     if max_steps is not None:
@@ -334,75 +273,127 @@ def run(args: argparse.Namespace) -> int:
         grad_clip=s["grad_clip"],
         accumulate_steps=s["accumulate_steps"],
     )
-    init_key, key = jax.random.split(jax.random.key(s["seed"]))
-    model = GPTModel(cfg)
-    state = create_train_state(model, init_params(cfg, init_key), tx)
-    start = None
-    if ckpt is not None:
-        state, meta = restore_checkpoint(ckpt, state)
-        key = meta["key"]
-        start = Position(meta["epoch"], meta["batch_index"], meta["tokens_seen"])
-        print(f"resuming {meta['path']} (step {meta['step']}, epoch {meta['epoch'] + 1})")
-    state, shard_batch, step_fn = _placement(state, args.mesh, s["batch_size"])
+    return tx, total, max_steps
 
-    out.mkdir(parents=True, exist_ok=True)
-    train_args = {k: s[k] for k in DEFAULTS}
-    write_json_atomic(
-        out / CONFIG_FILE,
-        {"model": cfg.to_dict(), "train": train_args, "tokenizer": s["tokenizer"], "text_sha256": text_sha},
-    )
-    print(
-        f"model: {count_params(state.params) / 1e6:.1f}M params (emb {cfg.emb_dim}, {cfg.n_layers} layers, "
-        f"{cfg.n_heads} heads, context {cfg.context_length}); text {s['text']}: {train_ids.size:,} train / "
-        f"{val_ids.size:,} val tokens, {len(train_loader)} batches of {s['batch_size']} per epoch; out {out}"
-    )
 
-    done = int(state.step) // s["accumulate_steps"]
-    bar = tqdm(total=total, initial=min(done, total), unit="step", dynamic_ncols=True, file=sys.stderr)
-    speed = {"tokens": start.tokens_seen if start else 0, "time": time.perf_counter()}
+def _initial_state(cfg: Any, tx: Any, seed: int, ckpt: Path | None) -> tuple[Any, Any, Any]:
+    """(state, key, start position): fresh from the seed, or restored from the checkpoint."""
+    import jax
 
-    def callback(event: str, info: dict[str, Any]) -> None:
-        if event == "step":
-            now = time.perf_counter()
-            if info["micro_step"] % s["accumulate_steps"] == 0:
-                bar.update(1)
-            tps = (info["tokens_seen"] - speed["tokens"]) / max(now - speed["time"], 1e-9)
-            speed.update(tokens=info["tokens_seen"], time=now)
-            bar.set_postfix(loss=f"{info['loss']:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+    from flaxgpt.io.checkpoint import restore_checkpoint
+    from flaxgpt.nn.model import GPTModel
+    from flaxgpt.nn.params import init_params
+    from flaxgpt.training.run_dir import Position
+    from flaxgpt.training.state import create_train_state
 
-    t0 = time.perf_counter()
+    init_key, key = jax.random.split(jax.random.key(seed))
+    state = create_train_state(GPTModel(cfg), init_params(cfg, init_key), tx)
+    if ckpt is None:
+        return state, key, None
+    state, meta = restore_checkpoint(ckpt, state)
+    print(f"resuming {meta['path']} (step {meta['step']}, epoch {meta['epoch'] + 1})")
+    return state, meta["key"], Position(meta["epoch"], meta["batch_index"], meta["tokens_seen"])
+
+
+@contextlib.contextmanager
+def _write_errors(out: Path) -> Iterator[None]:
+    """Turns a failed write into the run folder (read-only, full disk) into one line (exit status 2);
+    the writers have removed what they had started, and a run folder created here and left empty goes."""
+    from safetensors import SafetensorError
+
+    from flaxgpt.training.run_dir import RunDirError
+
+    created = not out.exists()
     try:
-        with _log_through_tqdm():
-            result = fit(
-                state, train_loader, val_loader, key=key, num_epochs=s["epochs"], eval_freq=s["eval_freq"],
-                eval_iter=s["eval_iter"], max_steps=max_steps, tokenizer=tok,
-                start_context=s["start_context"], run_dir=out, checkpoint_every=s["checkpoint_every"],
-                keep_checkpoints=s["keep_checkpoints"], start=start, accumulate_steps=s["accumulate_steps"],
-                tokenizer_name=s["tokenizer"], checkpoint_extra={"train_args": train_args, "text_sha256": text_sha},
-                callback=callback, shard_batch=shard_batch, step_fn=step_fn,
-            )
-    except NonFiniteLossError as e:
-        bar.close()
-        print(f"flaxgpt train: error: {e}", file=sys.stderr)
-        return 1
-    bar.close()
-    wall = time.perf_counter() - t0
+        yield
+    except RunDirError as e:
+        raise CLIError(str(e)) from e
+    except (OSError, SafetensorError) as e:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        reason = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
+        raise CLIError(f"cannot write the run folder {out}: {reason}") from e
 
-    records = read_metrics(out / METRICS_FILE)
-    if records:
-        plot_metrics(records, out / "loss.png")
-    last = records[-1] if records else None
+
+def _report(result: Any, run: Any, wall: float, tok: Any, s: dict[str, Any]) -> int:
+    """Prints the outcome (and the final sample) and returns the exit status."""
+    from flaxgpt.training.metrics import read_metrics
+
+    last, ckpts, out = (read_metrics(run.metrics_path) or [None])[-1], run.checkpoints(), run.path
     losses = f"train loss {last['train_loss']:.3f}, val loss {last['val_loss']:.3f}" if last else "no evaluation"
-    ckpts = list_checkpoints(out)
     print(f"step {result.updates} ({result.stopped}) in {wall:.1f}s: {losses}; "
           f"checkpoint {ckpts[-1] if ckpts else None}")
     if result.stopped in ("SIGINT", "SIGTERM"):
         print(f"interrupted by {result.stopped}; continue with: flaxgpt train --out {out} --resume")
         return 128 + int(getattr(signal, result.stopped))
-
-
     print(f"sample (temperature {SAMPLE_TEMPERATURE}, top-k {SAMPLE_TOP_K}): "
           f"{_final_sample(result.state, tok, s['start_context'], s['seed'])}")
-    print(f"wrote {out / METRICS_FILE}, {out / 'loss.png'}; generate with: "
+    print(f"wrote {run.metrics_path}, {out / LOSS_PLOT}; generate with: "
           f"flaxgpt generate --checkpoint {out} --prompt \"...\"")
     return 0
+
+
+def _setup(args: argparse.Namespace) -> tuple[dict[str, Any], Path, Path | None, Any, Any, _Data]:
+    """Settings, run folder, checkpoint to resume, model config, tokenizer and data; all checked."""
+    s, out, ckpt, saved_model, saved_sha = _resolve(args)
+    _check_settings(s)
+    if s["start_context"] is None:
+        s["start_context"] = PYDOC_PROMPT if s["text"] in ("pydoc", "python-docs") else BOOK_PROMPT
+    if args.mesh is not None:
+        from flaxgpt.training.placement import check_mesh
+
+        check_mesh(args.mesh, s["batch_size"])  # fail on a bad --mesh before any work
+    if ckpt is None and any((out / "checkpoints").glob("step_*")):
+        raise CLIError(f"{out} already holds checkpoints: pass --resume to continue it, or another --out")
+    tok, s["tokenizer"] = _tokenizer(s["tokenizer"])
+    cfg = _model_config(args, s, saved_model)
+    if saved_model is None and s["tokenizer"] == "bytes":
+        cfg = cfg.replace(vocab_size=tok.n_vocab)  # no 50,257-way head for a 257-token vocabulary
+    data = _load_data(s, cfg, tok, saved_sha)
+    return s, out, ckpt, cfg, tok, data
+
+
+def run(args: argparse.Namespace) -> int:
+    from flaxgpt.io.files import write_json
+    from flaxgpt.nn.params import count_params
+    from flaxgpt.training.loop import NonFiniteLossError, fit
+    from flaxgpt.training.progress import ProgressBar
+    from flaxgpt.training.run_dir import RunDir
+
+    s, out, ckpt, cfg, tok, data = _setup(args)
+    tx, total, max_steps = _optimizer(s, len(data.train_loader))
+    state, key, start = _initial_state(cfg, tx, s["seed"], ckpt)
+    shard_batch = step_fn = None
+    if args.mesh is not None:  # state, batches and step sharded over the mesh
+        from flaxgpt.training.placement import fit_placement
+
+        state, shard_batch, step_fn = fit_placement(state, args.mesh, s["batch_size"])
+    train_args = {k: s[k] for k in DEFAULTS}
+    config = {"model": cfg.to_dict(), "train": train_args, "tokenizer": s["tokenizer"], "text_sha256": data.text_sha}
+    with _write_errors(out):
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / CONFIG_FILE, config)
+    print(
+        f"model: {count_params(state.params) / 1e6:.1f}M params (emb {cfg.emb_dim}, {cfg.n_layers} layers, "
+        f"{cfg.n_heads} heads, context {cfg.context_length}); text {s['text']}: {data.train_tokens:,} train / "
+        f"{data.val_tokens:,} val tokens, {len(data.train_loader)} batches of {s['batch_size']} per epoch; out {out}"
+    )
+    done = int(state.step) // s["accumulate_steps"]
+    t0 = time.perf_counter()
+    try:
+        with ProgressBar(total, done, s["accumulate_steps"], start.tokens_seen if start else 0) as bar, \
+                _write_errors(out):
+            result = fit(
+                state, data.train_loader, data.val_loader, key=key, num_epochs=s["epochs"],
+                eval_freq=s["eval_freq"], eval_iter=s["eval_iter"], max_steps=max_steps, tokenizer=tok,
+                start_context=s["start_context"], run_dir=out, checkpoint_every=s["checkpoint_every"],
+                keep_checkpoints=s["keep_checkpoints"], start=start, accumulate_steps=s["accumulate_steps"],
+                tokenizer_name=s["tokenizer"], checkpoint_extra={"train_args": train_args, "text_sha256": data.text_sha},
+                callback=bar, shard_batch=shard_batch, step_fn=step_fn,
+            )
+    except NonFiniteLossError as e:
+        print(f"flaxgpt train: error: {e}", file=sys.stderr)
+        return 1
+    with _write_errors(out):
+        RunDir(out).plot()
+    return _report(result, RunDir(out), time.perf_counter() - t0, tok, s)

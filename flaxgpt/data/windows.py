@@ -14,6 +14,7 @@ import numpy as np
 
 from flaxgpt.text.bpe import gpt2_tokenizer
 from flaxgpt.text.tokenizers import text_to_token_ids
+from flaxgpt.validation import check_int, check_number
 
 __all__ = [
     "GPTDataset",
@@ -24,22 +25,6 @@ __all__ = [
 
 
 Batch = tuple[np.ndarray, np.ndarray]
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _check_positive(name: str, value: Any) -> int:
-    if not _is_int(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
-def _check_non_negative(name: str, value: Any) -> int:
-    if not _is_int(value) or value < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-    return int(value)
 
 
 class GPTDataset:
@@ -56,8 +41,8 @@ class GPTDataset:
     """
 
     def __init__(self, token_ids: Any, max_length: int, stride: int) -> None:
-        self.max_length = _check_positive("max_length", max_length)
-        self.stride = _check_positive("stride", stride)
+        self.max_length = check_int("max_length", max_length, 1)
+        self.stride = check_int("stride", stride, 1)
         ids = np.asarray(token_ids)
         if ids.ndim != 1:
             raise ValueError(f"token_ids has shape {ids.shape}: expected a 1-D sequence")
@@ -127,8 +112,8 @@ class DataLoader:
         drop_last: bool = True,
         seed: int = 0,
     ) -> None:
-        self.batch_size = _check_positive("batch_size", batch_size)
-        seed = _check_non_negative("seed", seed)
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        seed = check_int("seed", seed, 0)
         if drop_last and len(dataset) < self.batch_size:
             raise ValueError(
                 f"the dataset has {len(dataset)} windows, fewer than batch_size="
@@ -161,7 +146,7 @@ class DataLoader:
         Returns:
           The loader.
         """
-        _check_positive("batch_size", batch_size)
+        check_int("batch_size", batch_size, 1)
         return cls(GPTDataset(token_ids, max_length, stride), batch_size, shuffle, drop_last, seed)
 
     @property
@@ -171,7 +156,7 @@ class DataLoader:
 
     @epoch.setter
     def epoch(self, value: int) -> None:
-        self._epoch = _check_non_negative("epoch", value)
+        self._epoch = check_int("epoch", value, 0)
 
     def __len__(self) -> int:
         n, b = len(self.dataset), self.batch_size
@@ -195,13 +180,12 @@ class DataLoader:
           An iterator of (inputs, targets), each int32 of shape (B, L) (the final batch may
           be smaller when drop_last=False).
         """
-        epoch = _check_non_negative("epoch", epoch)
+        epoch = check_int("epoch", epoch, 0)
         n_batches = len(self)
-        if not _is_int(start):
-            raise ValueError(f"start must be an int, got {start!r}")
+        start = check_int("start", start)
         if not 0 <= start <= n_batches:
             raise ValueError(f"start={start} out of range: expected 0 <= start <= {n_batches}")
-        return self._generate(self.order(epoch), int(start), n_batches)
+        return self._generate(self.order(epoch), start, n_batches)
 
     def _generate(self, order: np.ndarray, start: int, n_batches: int) -> Iterator[Batch]:
         b = self.batch_size
@@ -240,9 +224,9 @@ def create_dataloader(
     Returns:
       A re-iterable `DataLoader`; `len()` is the number of batches per epoch.
     """
-    _check_positive("batch_size", batch_size)
-    _check_positive("max_length", max_length)
-    _check_positive("stride", stride)
+    check_int("batch_size", batch_size, 1)
+    check_int("max_length", max_length, 1)
+    check_int("stride", stride, 1)
     if tokenizer is None:
         tokenizer = gpt2_tokenizer()
     ids = text_to_token_ids(text, tokenizer)[0]  # (N,)
@@ -262,11 +246,11 @@ def train_val_split(text: str, train_ratio: float = 0.9) -> tuple[str, str]:
     """
     if not isinstance(text, str):
         raise ValueError(f"text must be a str, got {type(text).__name__}")
-    is_number = isinstance(train_ratio, (int, float)) and not isinstance(train_ratio, bool)
-    if not is_number or not 0 < train_ratio < 1:
+    try:
+        ok = 0.0 < check_number("train_ratio", train_ratio) < 1.0
+    except ValueError:
+        ok = False
+    if not ok:
         raise ValueError(f"train_ratio must be a number in (0, 1), got {train_ratio!r}")
     split_idx = int(train_ratio * len(text))
     return text[:split_idx], text[split_idx:]
-
-
-

@@ -27,6 +27,8 @@ from flaxgpt.nn.kv_cache import KVCache, init_cache
 from flaxgpt.nn.model import GPTModel, Params
 from flaxgpt.validation import check_int, check_token_ids
 
+__all__ = ["left_pad", "prefill", "decode_step", "generate"]
+
 _PAD_ID = 0  # token id of the left padding (masked out, so any valid id works)
 
 
@@ -69,8 +71,8 @@ def prefill(
     Returns:
       (B, V) float32 logits of every row's last prompt token, and the cache advanced by Tb.
     """
-    logits, cache = model.apply({"params": params}, idx, deterministic=True, cache=cache)  # (B, Tb, V)
-    return logits[:, -1], cache
+    # Only the last column goes through the head: no (B, Tb, V) logits are built.
+    return model.apply({"params": params}, idx, deterministic=True, cache=cache, positions="last")  # (B, V)
 
 
 def decode_step(
@@ -87,8 +89,9 @@ def decode_step(
     Returns:
       (B, V) float32 logits of the next token, and the cache advanced by one.
     """
-    logits, cache = model.apply({"params": params}, tokens[:, None], deterministic=True, cache=cache)
-    return logits[:, 0], cache  # (B, V)
+    return model.apply(
+        {"params": params}, tokens[:, None], deterministic=True, cache=cache, positions="last"
+    )  # (B, V)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "slots"))

@@ -8,12 +8,15 @@ settings on the host (:func:`check_sampling`) before calling into ``jit``.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from flaxgpt.validation import check_int, check_number
+
+__all__ = ["check_sampling", "sampling_args", "greedy", "filter_logits", "sample_logits", "sample_next"]
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -27,18 +30,11 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
     Raises:
       ValueError: naming the bad value and what was expected.
     """
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.number)):
-        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-    if not math.isfinite(float(temperature)) or float(temperature) < 0.0:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}")
+    check_number("temperature (0 means greedy)", temperature, 0.0)
     if top_k is not None:
-        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
-            raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
+        check_int("top_k", top_k, 1)
     if top_p is not None:
-        if isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.number)):
-            raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
-        if not 0.0 < float(top_p) <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        check_number("top_p", top_p, 0.0, 1.0, open_low=True)
 
 
 def sampling_args(

@@ -14,7 +14,7 @@ The book's readers train and save PyTorch models whose state dict reads (``nn.Li
     trf_blocks.N.att.mask (ctx, ctx)            the causal-mask buffer: ignored on import, written on export
 
 Store such a state dict as safetensors (``safetensors.torch.save_file(model.state_dict(), path)``) and
-load it with :func:`flaxgpt.pretrained.load_book`.
+load it with :func:`flaxgpt.io.pretrained.load_book`.
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ def params_from_book(
     *,
     shapes: Mapping[str, Sequence[int]] | None = None,
     source: str = "book GPTModel weights",
+    allow_non_finite: bool = False,
 ) -> Params:
     """The book's PyTorch ``GPTModel`` state dict (as numpy) -> flaxgpt params.
 
@@ -90,22 +91,35 @@ def params_from_book(
       cfg: the model config (see :func:`book_config` to infer one from the shapes).
       shapes: the tensors' shapes, when ``state_dict`` reads lazily; by default ``np.shape`` of each value.
       source: what to call the weights in error messages.
+      allow_non_finite: accept tensors holding NaN or inf (refused by default).
 
     Returns:
       The params tree in the layout ``cfg.scan_layers`` asks for, in ``cfg.param_dtype``.
 
     Raises:
-      ValueError: as :func:`params_from_hf`.
+      ValueError: as :func:`flaxgpt.io.hf.params_from_hf`.
     """
     if shapes is not None:
         found = {name: tuple(s) for name, s in shapes.items()}
     else:
         found = {name: tuple(np.shape(v)) for name, v in state_dict.items()}
-    return import_tensors(_book_table(cfg), state_dict.__getitem__, found, _BOOK_IGNORED, cfg, source)
+    return import_tensors(
+        _book_table(cfg), state_dict.__getitem__, found, _BOOK_IGNORED, cfg, source,
+        allow_non_finite=allow_non_finite,
+    )
 
 
 def book_tensors(params: Params, cfg: GPTConfig, masks: bool = True) -> list[OutTensor]:
-    """The tensors :func:`params_to_book` returns, each read on demand (for streaming writers)."""
+    """The tensors :func:`params_to_book` returns, each read on demand (for streaming writers).
+
+    Args:
+      params: a params tree in either layout.
+      cfg: its config.
+      masks: add the ``trf_blocks.N.att.mask`` buffers.
+
+    Returns:
+      One :class:`~flaxgpt.io.safetensors_io.OutTensor` per tensor.
+    """
     out = export_tensors(_book_table(cfg), params, cfg, write_tied=True)
     if masks:
         ctx = cfg.context_length

@@ -5,23 +5,25 @@ A run directory holds ``checkpoints/step_00000100/`` folders, each with
 - ``state.safetensors``: every array leaf of the train state (``step``, ``params/...``,
   ``opt_state/...``), keyed by its '/'-joined tree path;
 - ``meta.json``: step, data position (epoch, batch index, shuffle seed), tokens seen, the PRNG key as
-  integers, the model config, the tokenizer name, the leaf list (name, shape, dtype) and the SHA-256
-  of ``state.safetensors``.
+  integers, the model config, the tokenizer name, the leaf list (name, shape, dtype) and the size and
+  SHA-256 of ``state.safetensors``.
 
-A checkpoint is first written as ``checkpoints/.tmp-step_00000100-<pid>/``; its files are fsynced, the
-folder is renamed to its final name and the parent folder fsynced, so a crash leaves either the previous
-checkpoints or the new complete one. Loaders ignore ``.tmp-*`` folders, verify the SHA-256, and fall back
-to the previous checkpoint (with a warning) when the newest one fails verification. No pickle anywhere:
-safetensors has no code execution on load.
+A checkpoint folder is either complete or invisible: it is written as
+``checkpoints/.tmp-step_00000100-<pid>/``, its files fsynced, then renamed to its final name (parent
+fsynced). Pruning renames an old folder out of the ``step_*`` namespace (``.trash-step_...-<pid>``,
+parent fsynced) before deleting it, so a crash mid-delete never leaves a listed checkpoint with files
+missing; leftover ``.trash-*`` folders are removed by the next listing (the folder rules are in
+:mod:`flaxgpt.io.checkpoint_dir`). Loaders check meta.json's keys
+and types, the tensor file's size and SHA-256, and fall back to the previous checkpoint (one warning
+line; the details at DEBUG level) when the newest one fails, and refuse parameters holding NaN or inf.
+No pickle anywhere: safetensors has no code execution on load.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,12 +36,29 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from flaxgpt.config import GPTConfig
-from flaxgpt.dtypes import STORED_AS
-from flaxgpt.io.files import fsync_dir, sha256_file
+from flaxgpt.dtypes import STORED_AS, dtype_name
+from flaxgpt.io.checkpoint_dir import (
+    CHECKPOINTS,
+    FORMAT,
+    META_FILE,
+    TENSORS_FILE,
+    VERSION,
+    CheckpointError,
+    checkpoints_dir,
+    latest_checkpoint,
+    list_checkpoints,
+    prune_checkpoints,
+    publish_checkpoint,
+    read_meta,
+    resolve_checkpoint,
+)
+from flaxgpt.io.files import sha256_file, write_json
+from flaxgpt.io.safetensors_io import check_finite
 from flaxgpt.pytree import flatten_with_names, unflatten_dict
 
 __all__ = [
     "CheckpointError",
+    "CHECKPOINTS",
     "TENSORS_FILE",
     "META_FILE",
     "save_checkpoint",
@@ -52,18 +71,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-FORMAT = "flaxgpt-checkpoint"
-VERSION = 1
-TENSORS_FILE = "state.safetensors"
-META_FILE = "meta.json"
-CHECKPOINTS = "checkpoints"
-_STEP_RE = re.compile(r"^step_(\d{8,})$")
-_TMP_RE = re.compile(r"^\.tmp-step_\d+-(\d+)$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete, corrupt, or does not fit the state it is restored into."""
 
 
 # --------------------------------------------------------------------------- tree <-> flat names
@@ -83,65 +90,6 @@ def _from_stored(arr: np.ndarray, dtype: str) -> np.ndarray:
     return arr
 
 
-# --------------------------------------------------------------------------- files
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _checkpoints_dir(run_dir: Path) -> Path:
-    return run_dir if run_dir.name == CHECKPOINTS else run_dir / CHECKPOINTS
-
-
-def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
-    """Final-named checkpoint folders of a run, oldest first (``.tmp-*`` folders are never listed).
-
-    Args:
-      run_dir: the run directory (or its ``checkpoints`` folder).
-
-    Returns:
-      Paths of ``step_*`` folders that hold a meta.json, sorted by step.
-    """
-    ckpt_dir = _checkpoints_dir(Path(run_dir))
-    if not ckpt_dir.is_dir():
-        return []
-    found = []
-    for p in ckpt_dir.iterdir():
-        m = _STEP_RE.match(p.name)
-        if m and p.is_dir() and (p / META_FILE).is_file():
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
-
-
-def read_meta(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
-    """Reads and checks a checkpoint folder's meta.json (not the tensors).
-
-    Args:
-      ckpt: a ``step_*`` folder.
-
-    Returns:
-      The metadata dict.
-    """
-    path = Path(ckpt) / META_FILE
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a {FORMAT} metadata file")
-    if meta.get("version") != VERSION:
-        raise CheckpointError(f"{path} has format version {meta.get('version')}, expected {VERSION}")
-    return meta
-
-
 def _flatten(tree: Any) -> tuple[list[str], list[Any], Any]:
     try:
         return flatten_with_names(tree)
@@ -149,72 +97,29 @@ def _flatten(tree: Any) -> tuple[list[str], list[Any], Any]:
         raise CheckpointError(f"cannot checkpoint this state: {e}") from e
 
 
-def _verify(ckpt: Path) -> dict[str, Any]:
-    meta = read_meta(ckpt)
-    tensors = ckpt / TENSORS_FILE
-    if not tensors.is_file():
-        raise CheckpointError(f"{tensors} is missing")
-    digest = sha256_file(tensors)
-    if digest != meta["tensors"]["sha256"]:
-        raise CheckpointError(
-            f"{tensors} is corrupt: SHA-256 {digest} does not match "
-            f"{meta['tensors']['sha256']} recorded in {META_FILE}"
-        )
-    return meta
-
-
-def resolve_checkpoint(path: str | os.PathLike[str], verify: bool = True) -> tuple[Path, dict[str, Any]]:
-    """Finds the checkpoint to load: ``path`` itself when it is a ``step_*`` folder, else the newest
-    complete checkpoint of the run directory ``path`` that passes verification.
-
-    Args:
-      path: a checkpoint folder, a run directory, or a run's ``checkpoints`` folder.
-      verify: check the SHA-256 of the tensor file.
-
-    Returns:
-      (checkpoint folder, its metadata).
-
-    Raises:
-      FileNotFoundError: ``path`` does not exist or holds no checkpoint.
-      CheckpointError: the named checkpoint, or every checkpoint of the run, fails verification.
-    """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"no such checkpoint or run directory: {path}")
-    if (path / META_FILE).is_file():
-        return path, (_verify(path) if verify else read_meta(path))
-    candidates = list_checkpoints(path)
-    if not candidates:
-        raise FileNotFoundError(f"no complete checkpoint in {path} (expected {CHECKPOINTS}/step_*/)")
-    errors = []
-    for ckpt in reversed(candidates):
-        try:
-            return ckpt, (_verify(ckpt) if verify else read_meta(ckpt))
-        except CheckpointError as e:
-            logger.warning("skipping checkpoint %s: %s", ckpt, e)
-            errors.append(str(e))
-    raise CheckpointError(f"every checkpoint in {path} failed verification: {'; '.join(errors)}")
-
-
-def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
-    """The newest complete, verified checkpoint folder of a run, or None when there is none."""
-    try:
-        return resolve_checkpoint(run_dir)[0]
-    except (FileNotFoundError, CheckpointError):
-        return None
-
-
 # --------------------------------------------------------------------------- save
 
 
-def _prune(ckpt_dir: Path, keep: int) -> None:
-    steps = list_checkpoints(ckpt_dir)
-    for old in steps[: max(0, len(steps) - keep)]:
-        shutil.rmtree(old, ignore_errors=True)
-    for p in ckpt_dir.iterdir():  # leftovers of crashed writers
-        m = _TMP_RE.match(p.name)
-        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
-            shutil.rmtree(p, ignore_errors=True)
+def _write_tensors(folder: Path, state: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Writes ``state``'s leaves to ``folder/state.safetensors`` (fsynced); returns (file info, leaves)."""
+    names, leaves, _ = _flatten(state)
+    tensors, leaf_info = {}, []
+    for n, leaf in zip(names, leaves):
+        arr, dtype = _to_storable(leaf)
+        tensors[n] = arr
+        leaf_info.append({"name": n, "shape": list(arr.shape), "dtype": dtype})
+    save_file(tensors, str(folder / TENSORS_FILE))
+    digest = sha256_file(folder / TENSORS_FILE, fsync=True)
+    size = (folder / TENSORS_FILE).stat().st_size
+    return {"file": TENSORS_FILE, "sha256": digest, "bytes": size}, leaf_info
+
+
+def _key_to_meta(key: jax.Array) -> dict[str, Any]:
+    if jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
+        key_data, key_impl = jax.random.key_data(key), str(jax.random.key_impl(key))
+    else:
+        key_data, key_impl = key, None
+    return {"key": np.asarray(key_data).astype(np.uint32).tolist(), "key_impl": key_impl}
 
 
 def save_checkpoint(
@@ -255,27 +160,15 @@ def save_checkpoint(
         raise ValueError(f"keep must be an int >= 1, got {keep!r}")
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
         raise ValueError(f"step must be a non-negative int, got {step!r}")
-    ckpt_dir = _checkpoints_dir(Path(run_dir))
+    ckpt_dir = checkpoints_dir(run_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    name = f"step_{int(step):08d}"
-    final = ckpt_dir / name
-    tmp = ckpt_dir / f".tmp-{name}-{os.getpid()}"
+    final = ckpt_dir / f"step_{int(step):08d}"
+    tmp = ckpt_dir / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        names, leaves, _ = _flatten(state)
-        tensors, leaf_info = {}, []
-        for n, leaf in zip(names, leaves):
-            arr, dtype = _to_storable(leaf)
-            tensors[n] = arr
-            leaf_info.append({"name": n, "shape": list(arr.shape), "dtype": dtype})
-        save_file(tensors, str(tmp / TENSORS_FILE))
-        digest = sha256_file(tmp / TENSORS_FILE, fsync=True)
-        if jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
-            key_data, key_impl = jax.random.key_data(key), str(jax.random.key_impl(key))
-        else:
-            key_data, key_impl = key, None
+        tensors, leaf_info = _write_tensors(tmp, state)
         meta = {
             "format": FORMAT,
             "version": VERSION,
@@ -284,36 +177,19 @@ def save_checkpoint(
             "batch_index": int(batch_index),
             "seed": int(seed),
             "tokens_seen": int(tokens_seen),
-            "key": np.asarray(key_data).astype(np.uint32).tolist(),
-            "key_impl": key_impl,
+            **_key_to_meta(key),
             "config": dataclasses.asdict(config),
             "tokenizer": tokenizer,
-            "tensors": {
-                "file": TENSORS_FILE,
-                "sha256": digest,
-                "bytes": (tmp / TENSORS_FILE).stat().st_size,
-            },
+            "tensors": tensors,
             "leaves": leaf_info,
             "extra": dict(extra or {}),
         }
-        with open(tmp / META_FILE, "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_dir(tmp)
-        if final.exists():  # e.g. a corrupt checkpoint of this step that was skipped on resume
-            old = ckpt_dir / f".tmp-old-{name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(ckpt_dir)
+        write_json(tmp / META_FILE, meta)  # fsyncs the file and tmp
+        publish_checkpoint(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _prune(ckpt_dir, keep)
+    prune_checkpoints(ckpt_dir, keep)
     logger.debug("saved checkpoint %s", final)
     return final
 
@@ -330,7 +206,7 @@ def _read_tensors(ckpt: Path, meta: Mapping[str, Any], prefix: str = "") -> dict
                 if name.startswith(prefix):
                     out[name] = _from_stored(f.get_tensor(name), dtypes.get(name, ""))
     except (OSError, SafetensorError) as e:
-        raise CheckpointError(f"cannot read {ckpt / TENSORS_FILE}: {e}") from e
+        raise CheckpointError(f"cannot read {ckpt / TENSORS_FILE}", detail=str(e)) from e
     return out
 
 
@@ -339,6 +215,10 @@ def _key_from_meta(meta: Mapping[str, Any]) -> jax.Array:
     if meta.get("key_impl"):
         return jax.random.wrap_key_data(data, impl=meta["key_impl"])
     return data
+
+
+def _limited(names: list[str]) -> str:
+    return f"{names[:5]}{'...' if len(names) > 5 else ''}"
 
 
 def restore_checkpoint(path: str | os.PathLike[str], template: Any) -> tuple[Any, dict[str, Any]]:
@@ -361,8 +241,7 @@ def restore_checkpoint(path: str | os.PathLike[str], template: Any) -> tuple[Any
     unexpected = sorted(set(flat) - set(names))
     if missing or unexpected:
         raise CheckpointError(
-            f"{ckpt} does not match the state: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''} "
+            f"{ckpt} does not match the state: missing {_limited(missing)}, unexpected {_limited(unexpected)} "
             "(was it saved with another model config or optimizer?)"
         )
     restored = []
@@ -381,32 +260,40 @@ def restore_checkpoint(path: str | os.PathLike[str], template: Any) -> tuple[Any
 
 
 def load_model_from_checkpoint(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str], *, dtype: Any = None, allow_non_finite: bool = False
 ) -> tuple[GPTConfig, Any, dict[str, Any]]:
     """Loads the model config and parameters of a checkpoint (no optimizer state), e.g. to generate.
 
     Args:
       path: a run directory (its newest valid checkpoint is used) or a ``step_*`` checkpoint folder.
+      dtype: cast the parameters (and compute) to "float32" or "bfloat16"; None keeps the saved ones.
+      allow_non_finite: load parameters holding NaN or inf instead of refusing them.
 
     Returns:
       (config, params, info): params is the nested dict of jax arrays ``model.apply`` takes under
       ``"params"``; info holds ``step``, ``tokenizer``, ``epoch``, ``tokens_seen`` and ``path``.
+
+    Raises:
+      ValueError: a parameter holds NaN or inf (named, with the count), unless ``allow_non_finite``.
     """
     ckpt, meta = resolve_checkpoint(path)
-    try:
-        cfg = GPTConfig.from_dict(meta["config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{ckpt / META_FILE} has no valid model config: {e}") from e
+    cfg = GPTConfig.from_dict(meta["config"])  # checked by read_meta
     flat = _read_tensors(ckpt, meta, prefix="params/")
     if not flat:
         raise CheckpointError(f"{ckpt / TENSORS_FILE} holds no params/ tensors")
-    params = unflatten_dict({n[len("params/") :]: v for n, v in flat.items()})
-    params = jax.tree.map(jnp.asarray, params)
+    if not allow_non_finite:
+        for name, arr in flat.items():
+            check_finite(arr, name, str(ckpt / TENSORS_FILE))
+    if dtype is not None:
+        dt = dtype_name(dtype)
+        cfg = cfg.replace(param_dtype=dt, dtype=dt)
+        flat = {n: arr.astype(cfg.weight_dtype) for n, arr in flat.items()}
+    params = unflatten_dict({n[len("params/") :]: jnp.asarray(v) for n, v in flat.items()})
     info = {
         "step": meta["step"],
-        "tokenizer": meta.get("tokenizer", "gpt2"),
-        "epoch": meta.get("epoch"),
-        "tokens_seen": meta.get("tokens_seen"),
+        "tokenizer": meta["tokenizer"],
+        "epoch": meta["epoch"],
+        "tokens_seen": meta["tokens_seen"],
         "path": str(ckpt),
     }
     return cfg, params, info

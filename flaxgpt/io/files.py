@@ -1,8 +1,9 @@
-"""Files that are either complete or absent: atomic writes with fsync, JSON in and out, SHA-256.
+"""Files that are either complete or absent: atomic writes with fsync, durable renames, JSON, SHA-256.
 
 Every file flaxgpt writes (weights, checkpoints, metrics, configs, downloads) goes through
 :func:`atomic_file`: a temporary file beside the destination, fsynced, renamed over it, the folder
-fsynced. A crash leaves the old file or the new one, never half of one.
+fsynced. A crash leaves the old file or the new one, never half of one. Folders (checkpoints) are
+published and retired with :func:`rename_durably`.
 """
 
 from __future__ import annotations
@@ -16,16 +17,27 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_file", "fsync_dir", "write_json", "read_json", "sha256_file"]
+__all__ = ["atomic_file", "fsync_dir", "rename_durably", "write_json", "read_json", "sha256_file"]
 
 _CHUNK = 1 << 22  # bytes hashed per read
 
-def read_json(path: Path) -> dict[str, Any]:
-    """Reads a JSON object, turning a malformed file into a ValueError that names it."""
+
+def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Reads a JSON object.
+
+    Args:
+      path: the file.
+
+    Returns:
+      The parsed object.
+
+    Raises:
+      ValueError: the file is not valid UTF-8 JSON or does not hold an object (named in the message).
+    """
     try:
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(obj, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(obj).__name__}")
@@ -66,6 +78,18 @@ def atomic_file(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[A
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def rename_durably(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Renames ``src`` to ``dst`` (a file or a folder, replacing an empty or absent ``dst``) and fsyncs
+    ``dst``'s folder, so that the rename survives a crash.
+
+    Args:
+      src: the current path.
+      dst: the new path, in the same file system.
+    """
+    os.replace(src, dst)
+    fsync_dir(Path(dst).parent)
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:

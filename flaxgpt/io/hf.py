@@ -26,18 +26,10 @@ from typing import Any
 import numpy as np
 
 from flaxgpt.config import GPTConfig
-from flaxgpt.io.mapping import Params, TensorSpec, check_params, export_tensors, import_tensors
+from flaxgpt.io.mapping import Params, TensorSpec, export_tensors, import_tensors
 from flaxgpt.io.safetensors_io import OutTensor
 
-__all__ = [
-    "params_from_hf",
-    "params_to_hf",
-    "config_from_hf",
-    "config_to_hf",
-    "hf_tensors",
-    "OutTensor",
-    "check_params",
-]
+__all__ = ["params_from_hf", "params_to_hf", "config_from_hf", "config_to_hf", "hf_tensors"]
 
 _HF_IGNORED = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")  # causal-mask buffers of older versions
 _HF_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are the tanh approximation flaxgpt uses
@@ -110,6 +102,7 @@ def params_from_hf(
     *,
     shapes: Mapping[str, Sequence[int]] | None = None,
     source: str = "Hugging Face GPT-2 weights",
+    allow_non_finite: bool = False,
 ) -> Params:
     """Hugging Face ``GPT2LMHeadModel`` tensors -> flaxgpt params (numpy, ``cfg.param_dtype``).
 
@@ -122,24 +115,38 @@ def params_from_hf(
       shapes: the tensors' shapes, when ``state_dict`` reads lazily (each tensor is then read once);
         by default ``np.shape`` of each value.
       source: what to call the weights in error messages (e.g. a file name).
+      allow_non_finite: accept tensors holding NaN or inf (refused by default).
 
     Returns:
       The params tree in the layout ``cfg.scan_layers`` asks for.
 
     Raises:
       ValueError: a missing, unexpected or wrongly shaped tensor (named with expected and found shapes),
-        a non-zero qkv bias without ``qkv_bias``, or an untied head with ``tie_embeddings``.
+        a tensor holding NaN or inf, a non-zero qkv bias without ``qkv_bias``, or an untied head with
+        ``tie_embeddings``.
     """
     names = _strip_transformer_prefix(shapes if shapes is not None else state_dict)
     found = {
         short: tuple(shapes[name] if shapes is not None else np.shape(state_dict[name]))
         for short, name in names.items()
     }
-    return import_tensors(_hf_table(cfg), lambda n: state_dict[names[n]], found, _HF_IGNORED, cfg, source)
+    get = lambda n: state_dict[names[n]]  # noqa: E731
+    return import_tensors(
+        _hf_table(cfg), get, found, _HF_IGNORED, cfg, source, allow_non_finite=allow_non_finite
+    )
 
 
 def hf_tensors(params: Params, cfg: GPTConfig, prefix: bool = True) -> list[OutTensor]:
-    """The tensors :func:`params_to_hf` returns, each read on demand (for streaming writers)."""
+    """The tensors :func:`params_to_hf` returns, each read on demand (for streaming writers).
+
+    Args:
+      params: a params tree in either layout.
+      cfg: its config.
+      prefix: prefix the names with ``transformer.`` (not ``lm_head.weight``).
+
+    Returns:
+      One :class:`~flaxgpt.io.safetensors_io.OutTensor` per tensor.
+    """
     out = export_tensors(_hf_table(cfg), params, cfg, write_tied=False)
     if prefix:
         out = [

@@ -8,19 +8,22 @@ from pathlib import Path
 
 from flaxgpt.io.files import read_json
 
-__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "INDEX_FILE", "HUB_MODELS", "hub_repo", "download", "weight_map",
-           "local_or_download"]
+__all__ = [
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
+    "INDEX_FILE",
+    "HUB_MODELS",
+    "hub_repo",
+    "download",
+    "weight_map",
+    "local_or_download",
+]
 
 PathLike = str | os.PathLike[str]
 
 CONFIG_FILE = "config.json"
-
-
 WEIGHTS_FILE = "model.safetensors"
-
-
-INDEX_FILE = "model.safetensors.index.json"
-
+INDEX_FILE = "model.safetensors.index.json"  # a sharded checkpoint's tensor name -> file map
 
 HUB_MODELS = {
     "gpt2": "openai-community/gpt2",  # 124M
@@ -90,6 +93,17 @@ def download(name: str, revision: str | None = None) -> Path:
 
 
 def weight_map(index: Path) -> dict[str, str]:
+    """Reads and checks a sharded checkpoint's ``model.safetensors.index.json``.
+
+    Args:
+      index: the index file.
+
+    Returns:
+      Tensor name -> shard file name (a bare ``.safetensors`` name in the index's folder).
+
+    Raises:
+      ValueError: no ``weight_map``, or one that names something other than a ``.safetensors`` file.
+    """
     obj = read_json(index)
     weight_map = obj.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
@@ -105,6 +119,17 @@ def weight_map(index: Path) -> dict[str, str]:
 
 
 def local_or_download(name_or_path: PathLike) -> Path:
+    """A local file or folder as it is, or a GPT-2 model name fetched through :func:`download`.
+
+    Args:
+      name_or_path: a path, or a name :func:`hub_repo` knows.
+
+    Returns:
+      The local path.
+
+    Raises:
+      FileNotFoundError: neither an existing path nor a known model name.
+    """
     path = Path(name_or_path).expanduser()
     if path.exists():
         return path

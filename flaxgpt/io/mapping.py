@@ -4,7 +4,8 @@ A format (Hugging Face GPT-2 in :mod:`flaxgpt.io.hf`, the book's PyTorch names i
 :mod:`flaxgpt.io.book`) is a list of :class:`TensorSpec`: an external tensor name and shape and
 where it lives in the params tree. :func:`import_tensors` checks every name and shape first (one
 ``ValueError`` listing each missing, unexpected or wrongly shaped tensor), then reads and places each
-tensor once, straight into the layout ``cfg.scan_layers`` asks for. :func:`export_tensors` returns the
+tensor once, straight into the layout ``cfg.scan_layers`` asks for, refusing NaN and inf unless told
+otherwise. :func:`export_tensors` returns the
 tensors to write, each read on demand, from params in either layout.
 """
 
@@ -18,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from flaxgpt.config import GPTConfig
-from flaxgpt.io.safetensors_io import OutTensor
+from flaxgpt.io.safetensors_io import OutTensor, check_finite
+from flaxgpt.nn.params import param_shapes
 from flaxgpt.pytree import flat_dict
 
 __all__ = [
@@ -69,7 +71,18 @@ def check_names(
     cfg: GPTConfig,
     source: str,
 ) -> None:
-    """Raises one ValueError listing every missing, unexpected or wrongly shaped tensor."""
+    """Checks tensor names and shapes against a format's table, before any tensor is read.
+
+    Args:
+      found: name -> shape of every tensor present.
+      table: the format's tensors.
+      ignored: names to skip silently.
+      cfg: the model config (named in the message).
+      source: what to call the weights in the message.
+
+    Raises:
+      ValueError: one error listing every missing, unexpected or wrongly shaped tensor (the first 8).
+    """
     spec = {t.name for t in table}
     problems = []
     for t in table:  # in model order, so that the first problem is usually the telling one
@@ -123,8 +136,10 @@ def import_tensors(
     ignored: re.Pattern[str],
     cfg: GPTConfig,
     source: str,
+    *,
+    allow_non_finite: bool = False,
 ) -> Params:
-    """Checks names and shapes against ``table``, then reads and places each tensor once.
+    """Checks names and shapes against ``table``, then reads, checks and places each tensor once.
 
     Args:
       table: the format's tensors.
@@ -133,9 +148,15 @@ def import_tensors(
       ignored: names to skip silently (buffers such as causal masks).
       cfg: the model config (layout and dtype of the result).
       source: what to call the weights in error messages.
+      allow_non_finite: accept tensors holding NaN or inf.
 
     Returns:
       The params tree (numpy arrays).
+
+    Raises:
+      ValueError: a missing, unexpected or wrongly shaped tensor (all listed), a non-float tensor, a
+        tensor holding NaN or inf (named, with the count), a non-zero bias or untied head the config
+        has no place for.
     """
     check_names(found, table, ignored, cfg, source)
     out = ParamBuilder(cfg)
@@ -145,6 +166,8 @@ def import_tensors(
         arr = np.asarray(get(t.name))
         if not np.issubdtype(arr.dtype, np.floating) and arr.dtype.name != "bfloat16":
             raise ValueError(f"{source}: tensor {t.name!r} has dtype {arr.dtype}, expected a float dtype")
+        if not allow_non_finite:
+            check_finite(arr, t.name, source)
         if t.op == "zero":
             if np.any(arr != 0):
                 raise ValueError(
@@ -175,8 +198,6 @@ def check_params(params: Params, cfg: GPTConfig) -> None:
     Raises:
       ValueError: naming each missing, unexpected or wrongly shaped leaf with expected and found shapes.
     """
-    from flaxgpt.nn.params import param_shapes
-
     if not isinstance(params, Mapping):
         raise ValueError(f"params must be a nested dict of arrays, got {type(params).__name__}")
     expected = flat_dict(param_shapes(cfg.replace(scan_layers="trf_blocks" in params)))

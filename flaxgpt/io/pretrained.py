@@ -10,22 +10,22 @@
 - :func:`load_any` / :func:`describe`: any of the above or a flaxgpt training checkpoint, as the CLI uses.
 
 Tensors are read one at a time from the memory-mapped files; only safetensors and JSON are ever read.
+Tensors holding NaN or inf are refused (naming the tensor) unless ``allow_non_finite=True``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
-import numpy as np
 
 from flaxgpt.config import GPTConfig
 from flaxgpt.dtypes import dtype_name
 from flaxgpt.io import hub
 from flaxgpt.io.book import book_config, book_tensors, params_from_book
+from flaxgpt.io.checkpoint import CHECKPOINTS, META_FILE, load_model_from_checkpoint, resolve_checkpoint
 from flaxgpt.io.files import read_json, write_json
 from flaxgpt.io.hf import config_from_hf, config_to_hf, hf_tensors, params_from_hf
 from flaxgpt.io.hub import CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, local_or_download
@@ -38,6 +38,7 @@ __all__ = [
     "load_book",
     "save_book",
     "load_any",
+    "detect_format",
     "describe",
 ]
 
@@ -101,7 +102,9 @@ def _is_book(names: Any) -> bool:
 # --------------------------------------------------------------------------- Hugging Face format
 
 
-def load_pretrained(name_or_path: PathLike, dtype: Any = None, **overrides: Any) -> tuple[GPTConfig, Params]:
+def load_pretrained(
+    name_or_path: PathLike, dtype: Any = None, *, allow_non_finite: bool = False, **overrides: Any
+) -> tuple[GPTConfig, Params]:
     """Loads GPT-2 weights from a Hugging Face checkpoint, local or from the hub.
 
     Args:
@@ -110,6 +113,7 @@ def load_pretrained(name_or_path: PathLike, dtype: Any = None, **overrides: Any)
         "gpt2-medium", "gpt2-large", "gpt2-xl", "openai-community/gpt2", ...) downloaded once through
         ``huggingface_hub``. Keys with or without the ``transformer.`` prefix load.
       dtype: "float32" (default) or "bfloat16": the parameters' storage and compute dtype.
+      allow_non_finite: load tensors holding NaN or inf instead of refusing them.
       **overrides: other GPTConfig fields that do not change shapes (``scan_layers``, ``drop_rate``, ...).
 
     Returns:
@@ -117,8 +121,8 @@ def load_pretrained(name_or_path: PathLike, dtype: Any = None, **overrides: Any)
       ``n_positions``) and its params as JAX arrays.
 
     Raises:
-      ValueError: pickle-only checkpoints, corrupt files, or tensors that disagree with the config
-        (named, with expected and found shapes).
+      ValueError: pickle-only checkpoints, corrupt files, tensors that disagree with the config
+        (named, with expected and found shapes), or tensors holding NaN or inf (named, with the count).
       FileNotFoundError: no such path/model, or missing files.
     """
     path = local_or_download(name_or_path)
@@ -128,7 +132,8 @@ def load_pretrained(name_or_path: PathLike, dtype: Any = None, **overrides: Any)
     with SafetensorsReader(files, weight_map) as st:
         if _is_book(st.shapes):
             raise ValueError(f"{files[0]} uses the book's GPTModel names; load it with load_book")
-        params = params_from_hf(st, cfg, shapes=st.shapes, source=str(files[0] if len(files) == 1 else path))
+        source = str(files[0] if len(files) == 1 else path)
+        params = params_from_hf(st, cfg, shapes=st.shapes, source=source, allow_non_finite=allow_non_finite)
     return cfg, _to_jax(params)
 
 
@@ -164,6 +169,7 @@ def load_book(
     *,
     n_heads: int | None = None,
     dtype: Any = None,
+    allow_non_finite: bool = False,
     **overrides: Any,
 ) -> tuple[GPTConfig, Params]:
     """Loads the book's PyTorch ``GPTModel`` state dict saved as safetensors
@@ -172,13 +178,17 @@ def load_book(
     Args:
       path: the ``.safetensors`` file.
       cfg: the model config; by default inferred from the shapes
-        (see :func:`flaxgpt.book_weights.book_config`).
+        (see :func:`flaxgpt.io.book.book_config`).
       n_heads: attention heads, for an inferred config whose width is not a GPT-2 preset's.
       dtype: "float32" (default) or "bfloat16".
+      allow_non_finite: load tensors holding NaN or inf instead of refusing them.
       **overrides: other GPTConfig fields for an inferred config.
 
     Returns:
       (cfg, params) with JAX arrays.
+
+    Raises:
+      ValueError: as :func:`load_pretrained`.
     """
     path = Path(path).expanduser()
     if path.suffix.lower() in PICKLE_SUFFIXES:
@@ -192,7 +202,7 @@ def load_book(
         elif dtype is not None:
             dt = dtype_name(dtype)
             cfg = cfg.replace(param_dtype=dt, dtype=dt)
-        params = params_from_book(st, cfg, shapes=st.shapes, source=str(path))
+        params = params_from_book(st, cfg, shapes=st.shapes, source=str(path), allow_non_finite=allow_non_finite)
     return cfg, _to_jax(params)
 
 
@@ -216,10 +226,15 @@ def save_book(cfg: GPTConfig, params: Params, path: PathLike, masks: bool = True
 
 
 def detect_format(source: PathLike) -> str:
-    """What ``source`` is: "hf" (HF folder/file or a hub model name), "book" (a book-named safetensors
-    file) or "checkpoint" (a flaxgpt run or checkpoint folder)."""
-    from flaxgpt.io.checkpoint import CHECKPOINTS, META_FILE
+    """What ``source`` is, from its layout and headers (no tensor is read).
 
+    Args:
+      source: a path or a GPT-2 model name.
+
+    Returns:
+      "hf" (a Hugging Face folder or file, or a hub model name), "book" (a safetensors file with the
+      book's names) or "checkpoint" (a flaxgpt run or checkpoint folder).
+    """
     path = Path(source).expanduser()
     if path.is_dir():
         if (path / META_FILE).is_file() or (path / CHECKPOINTS).is_dir() or path.name == CHECKPOINTS:
@@ -232,7 +247,7 @@ def detect_format(source: PathLike) -> str:
 
 
 def load_any(
-    source: PathLike, *, n_heads: int | None = None, dtype: Any = None
+    source: PathLike, *, n_heads: int | None = None, dtype: Any = None, allow_non_finite: bool = False
 ) -> tuple[GPTConfig, Params, str]:
     """Loads weights in any supported format (see :func:`detect_format`).
 
@@ -241,27 +256,21 @@ def load_any(
       n_heads: attention heads for a book file whose width is not a GPT-2 preset's.
       dtype: cast the parameters (and compute) to "float32" or "bfloat16"; None keeps a checkpoint's
         config and loads the other formats as float32.
+      allow_non_finite: load tensors holding NaN or inf instead of refusing them.
 
     Returns:
       (cfg, params, format).
+
+    Raises:
+      ValueError: as :func:`load_pretrained`; a checkpoint none of whose folders verifies.
     """
     fmt = detect_format(source)
     if fmt == "checkpoint":
-        from flaxgpt.io.checkpoint import load_model_from_checkpoint
-
-        cfg, params, _ = load_model_from_checkpoint(source)
-        if dtype is not None:
-            dt = dtype_name(dtype)
-            cfg = cfg.replace(param_dtype=dt, dtype=dt)
-            params = _to_jax(_cast(params, np.dtype(cfg.weight_dtype)))
+        cfg, params, _ = load_model_from_checkpoint(source, dtype=dtype, allow_non_finite=allow_non_finite)
         return cfg, params, fmt
     if fmt == "book":
-        return (*load_book(source, n_heads=n_heads, dtype=dtype), fmt)
-    return (*load_pretrained(source, dtype=dtype), fmt)
-
-
-def _cast(tree: Mapping[str, Any], dtype: np.dtype) -> dict[str, Any]:
-    return {k: _cast(v, dtype) if isinstance(v, Mapping) else jnp.asarray(v, dtype) for k, v in tree.items()}
+        return (*load_book(source, n_heads=n_heads, dtype=dtype, allow_non_finite=allow_non_finite), fmt)
+    return (*load_pretrained(source, dtype=dtype, allow_non_finite=allow_non_finite), fmt)
 
 
 def describe(source: PathLike, *, n_heads: int | None = None) -> tuple[GPTConfig, str, str]:
@@ -276,13 +285,8 @@ def describe(source: PathLike, *, n_heads: int | None = None) -> tuple[GPTConfig
     """
     fmt = detect_format(source)
     if fmt == "checkpoint":
-        from flaxgpt.io.checkpoint import CheckpointError, resolve_checkpoint
-
-        ckpt, meta = resolve_checkpoint(source, verify=False)
-        try:
-            return GPTConfig.from_dict(meta["config"]), fmt, str(ckpt)
-        except (KeyError, TypeError) as e:
-            raise CheckpointError(f"{ckpt} has no valid model config: {e}") from e
+        ckpt, meta = resolve_checkpoint(source, verify=False)  # meta.json and its config are checked
+        return GPTConfig.from_dict(meta["config"]), fmt, str(ckpt)
     if fmt == "book":
         path = Path(source).expanduser()
         with SafetensorsReader([path]) as st:
@@ -299,4 +303,5 @@ def describe(source: PathLike, *, n_heads: int | None = None) -> tuple[GPTConfig
 
 
 def _stored(code: str) -> str:
+    """The dtype name of a safetensors dtype code ("BF16" -> "bfloat16")."""
     return {"BF16": "bfloat16", "F16": "float16"}.get(code.upper(), "float32")

@@ -1,4 +1,5 @@
-"""Safe tensor files: read safetensors lazily (tensor by tensor), write them streaming and atomically.
+"""Safe tensor files: read safetensors lazily (tensor by tensor), write them streaming and atomically,
+and refuse tensors holding NaN or inf.
 
 Only safetensors and JSON are ever read: no pickle, so loading a file cannot run code. Files that
 only PyTorch's pickle format holds (``pytorch_model.bin``, ``.pt``, ``.pth``, ...) are refused with a note
@@ -25,6 +26,7 @@ __all__ = [
     "PICKLE_SUFFIXES",
     "SafetensorsReader",
     "pickle_error",
+    "check_finite",
     "OutTensor",
     "write_safetensors",
 ]
@@ -41,6 +43,27 @@ def pickle_error(path: Path) -> ValueError:
         "`GPT2LMHeadModel.from_pretrained(dir).save_pretrained(out_dir)` (writes model.safetensors); for "
         "the book's model `safetensors.torch.save_file(model.state_dict(), 'model.safetensors')`"
     )
+
+
+def check_finite(arr: np.ndarray, name: str, source: str) -> None:
+    """Refuses a float tensor that holds NaN or inf (integer tensors always pass).
+
+    Args:
+      arr: the tensor.
+      name: its name, for the message.
+      source: where it was read from (a file name), for the message.
+
+    Raises:
+      ValueError: naming the tensor and how many of its values are not finite.
+    """
+    if not (np.issubdtype(arr.dtype, np.inexact) or arr.dtype.name == "bfloat16"):
+        return
+    bad = arr.size - int(np.count_nonzero(np.isfinite(arr)))
+    if bad:
+        raise ValueError(
+            f"{source}: tensor {name!r} holds {bad} non-finite value{'s' if bad > 1 else ''} (NaN or inf) "
+            f"of {arr.size}; pass allow_non_finite=True (--allow-non-finite) to load it anyway"
+        )
 
 
 class SafetensorsReader(Mapping[str, np.ndarray]):
@@ -148,7 +171,7 @@ def write_safetensors(
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
         for t in tensors:
-            arr = np.ascontiguousarray(t.read())
+            arr = np.require(t.read(), requirements="C")  # (ascontiguousarray would make 0-d 1-d)
             if arr.shape != tuple(t.shape) or arr.dtype != t.dtype:
                 raise ValueError(
                     f"tensor {t.name!r} is {arr.dtype}{arr.shape}, declared {t.dtype}{tuple(t.shape)}"

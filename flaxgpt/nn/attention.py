@@ -2,7 +2,7 @@
 
 The teaching path (:func:`simple_self_attention`, :class:`SelfAttentionV1`, :class:`SelfAttentionV2`,
 :class:`CausalAttention`, :class:`MultiHeadAttentionWrapper`) follows the chapter section by section;
-:class:`MultiHeadAttention` is the production module used by :class:`flaxgpt.model.GPTModel`, with an
+:class:`MultiHeadAttention` is the production module used by :class:`flaxgpt.nn.model.GPTModel`, with an
 optional KV cache for generation and a fused-kernel path (``jax.nn.dot_product_attention``).
 """
 
@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from flaxgpt.nn.initializers import dense
+
+__all__ = ["causal_mask", "MultiHeadAttention"]
 
 # A finite "minus infinity" for the production path: a fully masked row (a padding query of a ragged
 # batch) then gives a uniform, finite softmax instead of NaNs that would leak through 0 * NaN.

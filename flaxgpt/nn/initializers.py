@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+__all__ = ["Initializer", "chunked", "torch_uniform", "dense", "embedding_init"]
+
 Initializer = Callable[..., jax.Array]
 
 # Tensors above this many bytes are drawn in row chunks inside a loop, so that the PRNG's scratch

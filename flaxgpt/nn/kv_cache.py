@@ -10,6 +10,8 @@ import jax.numpy as jnp
 
 from flaxgpt.config import GPTConfig
 
+__all__ = ["KVCache", "init_cache"]
+
 Slots = Any  # a (L, ...) array (scanned model) or a tuple of L per-layer arrays (unrolled model)
 
 

@@ -14,6 +14,8 @@ from flaxgpt.config import GPTConfig
 from flaxgpt.nn.attention import MultiHeadAttention
 from flaxgpt.nn.initializers import dense
 
+__all__ = ["LayerNorm", "gelu", "GELU", "FeedForward", "TransformerBlock"]
+
 # --------------------------------------------------------------------------- layers
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import tiktoken
 
 from flaxgpt.text.bpe import ENDOFTEXT, gpt2_tokenizer
+from flaxgpt.validation import check_token_ids
 
 __all__ = [
     "ENDOFTEXT",
@@ -257,6 +258,10 @@ def token_ids_to_text(ids: Any, tokenizer: Any) -> str:
 
     Returns:
       The decoded text.
+
+    Raises:
+      ValueError: an id is outside the tokenizer's vocabulary (``n_vocab``; the regex tokenizers check
+        their own id table), naming the id.
     """
     arr = np.asarray(ids)
     if arr.ndim == 2:
@@ -268,5 +273,17 @@ def token_ids_to_text(ids: Any, tokenizer: Any) -> str:
     elif arr.ndim != 1:
         raise ValueError(f"ids has shape {arr.shape}: expected (T,) or (1, T)")
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"ids has dtype {arr.dtype}: expected integer token ids")
+        big = [i for i in arr.tolist() if isinstance(i, int) and not isinstance(i, bool)]
+        if arr.dtype != object or len(big) != arr.size:  # object: ints too large for int64
+            raise ValueError(f"ids has dtype {arr.dtype}: expected integer token ids")
+        bad = next(i for i in big if not -(2**63) <= i < 2**63)
+        raise ValueError(f"token ids contain {bad}, outside {_vocab_text(tokenizer)}")
+    n_vocab = getattr(tokenizer, "n_vocab", None)
+    if n_vocab is not None:
+        check_token_ids(arr, int(n_vocab))
     return tokenizer.decode([int(i) for i in arr])
+
+
+def _vocab_text(tokenizer: Any) -> str:
+    n_vocab = getattr(tokenizer, "n_vocab", None)
+    return f"the vocabulary [0, {n_vocab})" if n_vocab is not None else "the tokenizer's vocabulary"

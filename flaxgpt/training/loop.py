@@ -1,5 +1,6 @@
-"""Book chapter 5: the train state, a pure jitted train step, evaluation, and the book's
-``train_model_simple`` loop with crash-safe checkpoints and exact resume."""
+"""Book chapter 5's ``train_model_simple`` as one task-agnostic loop: evaluation cadence, checkpoints,
+exact resume, SIGINT/SIGTERM, the NaN stop and the per-epoch sample. What a batch means (its loss and
+metrics) comes from a :class:`flaxgpt.training.tasks.Task`; pretraining is the default one."""
 
 from __future__ import annotations
 
@@ -15,93 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from flaxgpt.book.generate import generate_text_simple
-from flaxgpt.io.checkpoint import list_checkpoints, save_checkpoint
-from flaxgpt.training.metrics import METRICS_FILE, append_metrics, truncate_metrics
-from flaxgpt.training.state import TrainState, eval_step, train_step
-from flaxgpt.validation import check_token_ids
+from flaxgpt.training.evaluation import evaluate, evaluate_metrics, greedy_sample, placer, stepper
+from flaxgpt.training.run_dir import Position, RunDir
+from flaxgpt.training.state import TrainState
+from flaxgpt.training.tasks import PRETRAIN, Task
+from flaxgpt.validation import check_int, check_optional_int
 
-__all__ = [
-    "evaluate",
-    "Position",
-    "FitResult",
-    "NonFiniteLossError",
-    "fit",
-    "greedy_sample",
-]
+__all__ = ["evaluate", "Position", "FitResult", "NonFiniteLossError", "fit", "greedy_sample"]
 
 logger = logging.getLogger(__name__)
 
-Batch = tuple[Any, Any]
-ShardBatch = Callable[[np.ndarray, np.ndarray], Batch]
 Callback = Callable[[str, dict[str, Any]], None]
-
-
-train_step.__doc__ = """One optimizer (micro-)step: loss, gradients, update. Jitted once; ``state`` is donated.
-
-Args:
-  state: the train state (invalid after the call: use the returned one).
-  inputs: (B, T) int32 token ids.
-  targets: (B, T) int32 next-token ids (-100 to ignore a position).
-  key: the run's PRNG key; dropout uses ``fold_in(key, state.step)``, so a run is a function of its seed.
-
-Returns:
-  (new state, float32 scalar loss of this batch before the update).
-"""
-
-
-def _default_place(inputs: np.ndarray, targets: np.ndarray) -> Batch:
-    return jnp.asarray(inputs), jnp.asarray(targets)
-
-
-def evaluate(
-    state: TrainState,
-    loader: Any,
-    num_batches: int | None = None,
-    shard_batch: ShardBatch | None = None,
-) -> float:
-    """The book's ``calc_loss_loader``: mean of per-batch losses over the first ``num_batches`` batches.
-
-    The batches are those of the loader's epoch 0 (``loader.batches(0)``), so repeated evaluations see
-    the same batches and the loader's own epoch counter is untouched.
-
-    Args:
-      state: the train state.
-      loader: a :class:`flaxgpt.data.DataLoader` (anything with ``len()`` and ``batches(epoch)``).
-      num_batches: how many batches (all when None or larger than the loader).
-      shard_batch: places a numpy batch on devices (default: ``jnp.asarray``).
-
-    Returns:
-      The mean loss, or NaN for an empty loader (as the book).
-    """
-    n = len(loader)
-    if n == 0:
-        return float("nan")
-    n = n if num_batches is None else min(int(num_batches), n)
-    if n <= 0:
-        raise ValueError(f"num_batches must be positive, got {num_batches!r}")
-    place = shard_batch or _default_place
-    losses = []
-    for i, (x, y) in enumerate(loader.batches(0)):
-        if i >= n:
-            break
-        losses.append(eval_step(state, *place(x, y)))
-    return float(np.mean([float(v) for v in losses]))
-
-
-# --------------------------------------------------------------------------- the training loop
-
-
-@dataclasses.dataclass(frozen=True)
-class Position:
-    """Where training continues: the epoch, the index of the next batch in it, and tokens seen."""
-
-    epoch: int = 0
-    batch_index: int = 0
-    tokens_seen: int = 0
 
 
 @dataclasses.dataclass
@@ -116,6 +42,7 @@ class FitResult:
       position: where a resumed run would continue.
       updates: optimizer updates done in total.
       last_checkpoint: the newest checkpoint written (None without ``run_dir``).
+      history: the evaluation records of this call (as written to metrics.jsonl, with every metric).
     """
 
     state: TrainState
@@ -127,6 +54,7 @@ class FitResult:
     position: Position
     updates: int
     last_checkpoint: Path | None
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -157,41 +85,154 @@ def _stop_on_signals(enabled: bool) -> Iterator[_StopFlag]:
             signal.signal(s, h)
 
 
-def _check_loader_ids(loader: Any, vocab_size: int, name: str) -> None:
-    dataset = getattr(loader, "dataset", None)
-    ids = getattr(dataset, "token_ids", None)
-    if ids is not None:
-        check_token_ids(ids, vocab_size, name=f"{name} token ids")
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """fit's checked settings."""
+
+    num_epochs: int
+    eval_freq: int
+    eval_iter: int
+    max_steps: int | None
+    accumulate_steps: int
+    tokenizer: Any
+    start_context: str
+    sample_tokens: int
+
+    def __post_init__(self) -> None:
+        for name, low in (("num_epochs", 0), ("eval_freq", 1), ("eval_iter", 1), ("accumulate_steps", 1),
+                          ("sample_tokens", 0)):
+            check_int(name, getattr(self, name), low)
+        check_optional_int("max_steps", self.max_steps, 0)
 
 
-def _non_finite_message(loss: float, epoch: int, batch: int, updates: int, run_dir: Path | None) -> str:
-    ckpts = list_checkpoints(run_dir) if run_dir is not None else []
-    kept = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "there is no checkpoint yet"
-    return (
-        f"training loss became {loss} at epoch {epoch + 1}, batch {batch}, update {updates + 1}; "
-        f"training stopped without saving this state; {kept} "
-        "(try a lower learning rate, warmup or gradient clipping)"
-    )
+class _Loop:
+    """One call of :func:`fit`: the counters, and the steps of an epoch."""
 
+    def __init__(self, state: TrainState, loaders: tuple[Any, Any], key: jax.Array, task: Task,
+                 opts: _Options, run: RunDir, start: Position, place: Any, step: Any, emit: Callback):
+        self.state, (self.train, self.val), self.key, self.task = state, loaders, key, task
+        self.opts, self.run, self.place, self.step, self.emit = opts, run, place, step, emit
+        self.n_batches = len(self.train)
+        self.micro = int(state.step)
+        self.updates = self.micro // opts.accumulate_steps
+        self.epoch, self.first_batch, self.tokens_seen = start.epoch, start.batch_index, start.tokens_seen
+        if self.first_batch >= self.n_batches:
+            self.epoch, self.first_batch = self.epoch + 1, 0
+        kept = run.open(self.updates)
+        self.last_eval = kept[-1]["step"] if kept and kept[-1].get("step") == self.updates else None
+        if start.epoch or start.batch_index or self.micro:
+            run.last_saved = self.updates  # resumed from a checkpoint at this step
+        self.seed = int(getattr(self.train, "seed", 0))
+        self.stopped = "epochs"
+        self.result = FitResult(state, [], [], [], [], "epochs", self.position(self.epoch, self.first_batch),
+                                0, None)
+        self.t0 = time.perf_counter()
 
-def greedy_sample(state: TrainState, tokenizer: Any, start_context: str, max_new_tokens: int = 50) -> str:
-    """The book's ``generate_and_print_sample``, returning the text: greedy continuation of a prompt.
+    def position(self, e: int, b: int) -> Position:
+        """Where training continues after batch ``b`` of epoch ``e`` (the next epoch after the last)."""
+        if b >= self.n_batches:
+            return Position(e + 1, 0, self.tokens_seen)
+        return Position(e, b, self.tokens_seen)
 
-    Args:
-      state: the train state (its model and params are used).
-      tokenizer: a tiktoken Encoding or a Tokenizer.
-      start_context: the prompt.
-      max_new_tokens: tokens to generate.
+    def save(self, pos: Position) -> None:
+        path = self.run.save(self.state, step=self.updates, key=self.key, config=self.state.model.cfg,
+                             position=pos, seed=self.seed)
+        if path is not None:
+            self.result.last_checkpoint = path
+            self.emit("checkpoint", {"step": self.updates, "path": str(path)})
 
-    Returns:
-      The prompt and its continuation, decoded.
-    """
-    from flaxgpt.text.tokenizers import text_to_token_ids, token_ids_to_text
+    def evaluate(self, e: int, b: int) -> None:
+        """Train and validation metrics over ``eval_iter`` batches; logged, recorded and emitted."""
+        n = self.opts.eval_iter
+        train = evaluate_metrics(self.state, self.train, self.task, n, self.place)
+        val = evaluate_metrics(self.state, self.val, self.task, n, self.place)
+        record = {"step": self.updates, "epoch": e + 1, "epochs_done": e + b / self.n_batches,
+                  **{f"train_{k}": v for k, v in train.items()}, **{f"val_{k}": v for k, v in val.items()},
+                  "tokens_seen": self.tokens_seen, "time_s": round(time.perf_counter() - self.t0, 3)}
+        r = self.result
+        r.train_losses.append(train["loss"])
+        r.val_losses.append(val["loss"])
+        r.track_tokens_seen.append(self.tokens_seen)
+        r.eval_steps.append(self.updates)
+        r.history.append(record)
+        self.last_eval = self.updates
+        self.run.log(record)
+        extra = "".join(f", Val {k} {v:.3f}" for k, v in val.items() if k != "loss")
+        logger.info("Ep %d (Step %06d): Train loss %.3f, Val loss %.3f%s",
+                    e + 1, self.updates, train["loss"], val["loss"], extra)
+        self.emit("eval", record)
 
-    cfg = state.model.cfg
-    ids = text_to_token_ids(start_context, tokenizer)  # (1, T)
-    out = generate_text_simple(state.model, state.params, ids, max_new_tokens, cfg.context_length)
-    return token_ids_to_text(np.asarray(out), tokenizer)
+    def sample(self, e: int) -> None:
+        tokenizer, n = self.opts.tokenizer, self.opts.sample_tokens
+        if tokenizer is None or n == 0:
+            return
+        text = greedy_sample(self.state, tokenizer, self.opts.start_context, n)
+        logger.info("%s", text.replace("\n", " "))
+        self.emit("sample", {"epoch": e + 1, "step": self.updates, "text": text})
+
+    def train_batch(self, batch: Any, b: int) -> bool:
+        """One micro-batch at index ``b`` of the epoch; True at an optimizer-update boundary."""
+        self.state, loss_arr = self.step(self.state, self.place(batch), self.key)
+        loss = float(loss_arr)
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(self.non_finite_message(loss, b))
+        self.micro += 1
+        self.tokens_seen += self.task.count(batch)
+        boundary = self.micro % self.opts.accumulate_steps == 0
+        if boundary:
+            self.updates += 1
+        info = {"step": self.updates, "micro_step": self.micro, "epoch": self.epoch + 1, "loss": loss}
+        self.emit("step", dict(info, tokens_seen=self.tokens_seen, time_s=time.perf_counter() - self.t0))
+        return boundary
+
+    def non_finite_message(self, loss: float, b: int) -> str:
+        ckpts = self.run.checkpoints()
+        kept = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "there is no checkpoint yet"
+        return (f"training loss became {loss} at epoch {self.epoch + 1}, batch {b}, update {self.updates + 1}; "
+                f"training stopped without saving this state; {kept} "
+                "(try a lower learning rate, warmup or gradient clipping)")
+
+    def run_epoch(self, stop: _StopFlag) -> None:
+        """Trains the current epoch from ``first_batch`` until its end, ``max_steps`` or a signal."""
+        max_steps, b = self.opts.max_steps, self.first_batch
+        for batch in self.train.batches(self.epoch, self.first_batch):
+            boundary = self.train_batch(batch, b)
+            b += 1
+            if boundary and (self.updates - 1) % self.opts.eval_freq == 0:
+                self.evaluate(self.epoch, b)
+            if boundary and self.run.due(self.updates):
+                self.save(self.position(self.epoch, b))
+            if stop.signum is not None:
+                self.stopped = signal.Signals(stop.signum).name
+                self.save(self.position(self.epoch, b))
+                break
+            if boundary and max_steps is not None and self.updates >= max_steps:
+                self.stopped = "max_steps"
+                break
+        if b >= self.n_batches:  # the epoch is complete
+            if stop.signum is None:
+                self.sample(self.epoch)
+            self.epoch, self.first_batch = self.epoch + 1, 0
+        else:
+            self.first_batch = b
+
+    def run_all(self, stop: _StopFlag) -> FitResult:
+        """Epochs until done, then the final evaluation and checkpoint (not after a signal)."""
+        max_steps = self.opts.max_steps
+        while self.epoch < self.opts.num_epochs and self.stopped == "epochs":
+            if max_steps is not None and self.updates >= max_steps:
+                self.stopped = "max_steps"
+                break
+            self.run_epoch(stop)
+        pos = Position(self.epoch, self.first_batch, self.tokens_seen)
+        if self.stopped in ("epochs", "max_steps"):
+            if self.updates > 0 and self.last_eval != self.updates:
+                self.evaluate(max(self.epoch - (self.first_batch == 0), 0), self.first_batch or self.n_batches)
+            if self.run.last_saved != self.updates:
+                self.save(pos)
+        r = self.result
+        r.state, r.position, r.updates, r.stopped = self.state, pos, self.updates, self.stopped
+        return r
 
 
 def fit(
@@ -215,194 +256,65 @@ def fit(
     tokenizer_name: str = "gpt2",
     checkpoint_extra: dict[str, Any] | None = None,
     callback: Callback | None = None,
-    shard_batch: ShardBatch | None = None,
+    shard_batch: Callable[..., Any] | None = None,
     step_fn: Callable[..., tuple[TrainState, jax.Array]] | None = None,
     handle_signals: bool = True,
+    task: Task | None = None,
 ) -> FitResult:
-    """The book's ``train_model_simple``, with checkpoints, exact resume and a NaN guard.
+    """The book's ``train_model_simple``, for any task, with checkpoints, exact resume and a NaN guard.
 
-    Trains ``num_epochs`` epochs (or until ``max_steps`` optimizer updates in total). Evaluates train and
-    validation loss over ``eval_iter`` batches after update 1, 1 + eval_freq, 1 + 2 * eval_freq, ...
-    (the book's 0-based ``global_step % eval_freq == 0``) and after the final update, and, with a
-    tokenizer, logs a greedy sample of ``start_context`` after each epoch. With ``run_dir``, appends
-    each evaluation to ``run_dir/metrics.jsonl`` and saves a checkpoint every ``checkpoint_every``
-    updates, at the end, and on SIGINT/SIGTERM (then returns with ``stopped`` naming the signal).
+    Trains ``num_epochs`` epochs (or until ``max_steps`` optimizer updates in total). Evaluates the
+    task's metrics on train and validation over ``eval_iter`` batches after update 1, 1 + eval_freq,
+    1 + 2 * eval_freq, ... (the book's 0-based ``global_step % eval_freq == 0``) and after the final
+    update, and, with a tokenizer, logs a greedy sample of ``start_context`` after each epoch. With
+    ``run_dir``, appends each evaluation to ``run_dir/metrics.jsonl`` (``train_<metric>``,
+    ``val_<metric>``, step, epoch, epochs_done, tokens_seen, time_s) and saves a checkpoint every
+    ``checkpoint_every`` updates, at the end, and on SIGINT/SIGTERM (then returns with ``stopped``
+    naming the signal).
 
     Args:
-      state: from :func:`create_train_state` or :func:`flaxgpt.checkpoint.restore_checkpoint`.
-      train_loader: a shuffling :class:`flaxgpt.data.DataLoader`; epoch e's batches are
-        ``train_loader.batches(e)``.
-      val_loader: the validation loader.
-      key: the run's PRNG key (dropout keys are ``fold_in(key, step)``).
-      num_epochs: epochs in total (also across resumes).
-      eval_freq: updates between evaluations.
-      eval_iter: batches per evaluation.
+      state: from :func:`create_train_state` or :func:`flaxgpt.io.checkpoint.restore_checkpoint`.
+      train_loader: yields the task's batches: ``len()`` and ``batches(epoch, start)`` (e.g. a shuffling
+        :class:`flaxgpt.data.DataLoader`), its order a function of ``(seed, epoch)``.
+      val_loader: the validation loader (``len()`` and ``batches(0)``).
+      key, num_epochs: the run's PRNG key (dropout keys are ``fold_in(key, step)``); epochs in total.
+      eval_freq, eval_iter: updates between evaluations, and batches per evaluation.
       max_steps: stop after this many optimizer updates in total (None: no limit).
-      tokenizer: for the per-epoch sample (None: no sample).
-      start_context: the sample's prompt.
-      sample_tokens: tokens the sample generates.
-      run_dir: where checkpoints and metrics.jsonl go (None: nowhere).
-      checkpoint_every: updates between checkpoints (None or 0: only at the end and on signals).
-      keep_checkpoints: checkpoints kept.
+      tokenizer, start_context, sample_tokens: the per-epoch greedy sample's tokenizer (None: no
+        sample), prompt and length.
+      run_dir: where checkpoints and metrics.jsonl go (None: nowhere); see :class:`RunDir`.
+      checkpoint_every, keep_checkpoints: updates between checkpoints (None or 0: only at the end and
+        on signals) and how many are kept.
       start: the position to resume from (from the checkpoint's metadata); None starts at epoch 0.
       accumulate_steps: micro-batches per update, as given to ``make_optimizer``.
-      tokenizer_name: recorded in checkpoints.
-      checkpoint_extra: more metadata for checkpoints (e.g. the training arguments).
+      tokenizer_name, checkpoint_extra: recorded in checkpoints (extra: e.g. the training arguments).
       callback: called as ``callback(event, info)`` with event "step" (after every micro-batch),
         "eval", "sample" or "checkpoint".
-      shard_batch: places a numpy (inputs, targets) batch on devices (default ``jnp.asarray``);
-        e.g. ``jax.device_put`` with a ``NamedSharding`` for data parallelism.
-      step_fn: the training step, ``(state, inputs, targets, key) -> (state, loss)``; default
-        :data:`train_step` (e.g. pass ``flaxgpt.sharding.sharded_train_step(train_step, state, mesh)``).
+      shard_batch: places a numpy batch on devices, called with the batch's elements
+        (``shard_batch(inputs, targets)`` for pretraining; default ``jnp.asarray``).
+      step_fn: the step, ``step_fn(state, inputs, targets, key) -> (state, loss)`` for pretraining (a
+        tuple batch's elements, then the key); default :func:`~flaxgpt.training.state.make_train_step`.
       handle_signals: catch SIGINT/SIGTERM (main thread only) and stop cleanly with a checkpoint.
+      task: the loss and metrics of a batch (default :class:`flaxgpt.training.tasks.PretrainTask`).
 
     Returns:
       A :class:`FitResult`.
 
     Raises:
       NonFiniteLossError: the loss became NaN/inf; the newest checkpoint on disk is the last good one.
+      flaxgpt.training.run_dir.RunDirError: ``run_dir`` could not be written (nothing half-written kept).
     """
-    for name, value, low in (
-        ("num_epochs", num_epochs, 0),
-        ("eval_freq", eval_freq, 1),
-        ("eval_iter", eval_iter, 1),
-        ("accumulate_steps", accumulate_steps, 1),
-        ("sample_tokens", sample_tokens, 0),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 0):
-        raise ValueError(f"max_steps must be None or an int >= 0, got {max_steps!r}")
-    if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 0):
-        raise ValueError(f"checkpoint_every must be None or an int >= 0, got {checkpoint_every!r}")
-    n_batches = len(train_loader)
-    if n_batches == 0:
+    opts = _Options(num_epochs, eval_freq, eval_iter, max_steps, accumulate_steps, tokenizer, start_context,
+                    sample_tokens)
+    check_optional_int("checkpoint_every", checkpoint_every, 0)
+    if len(train_loader) == 0:
         raise ValueError("the training loader yields no batches")
-    cfg = state.model.cfg
-    _check_loader_ids(train_loader, cfg.vocab_size, "training")
-    _check_loader_ids(val_loader, cfg.vocab_size, "validation")
-
-    place = shard_batch or _default_place
-    step_fn = step_fn or train_step
-    emit = callback or (lambda event, info: None)
-    run_dir = Path(run_dir) if run_dir is not None else None
-    metrics_path = run_dir / METRICS_FILE if run_dir is not None else None
-    seed = int(getattr(train_loader, "seed", 0))
-
-    start = start or Position()
-    micro = int(state.step)
-    updates = micro // accumulate_steps
-    epoch, first_batch, tokens_seen = start.epoch, start.batch_index, start.tokens_seen
-    if first_batch >= n_batches:
-        epoch, first_batch = epoch + 1, 0
-    last_eval = last_saved = None
-    if metrics_path is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        kept = truncate_metrics(metrics_path, updates)
-        last_eval = kept[-1]["step"] if kept and kept[-1].get("step") == updates else None
-    if start.epoch or start.batch_index or micro:
-        last_saved = updates  # resumed from a checkpoint at this step
-    result = FitResult(state, [], [], [], [], "epochs", Position(epoch, first_batch, tokens_seen), 0, None)
-    t0 = time.perf_counter()
-
-    def position(e: int, b: int) -> Position:
-        return Position(e + 1, 0, tokens_seen) if b >= n_batches else Position(e, b, tokens_seen)
-
-    def save(pos: Position) -> None:
-        nonlocal last_saved
-        if run_dir is None:
-            return
-        path = save_checkpoint(
-            run_dir,
-            state,
-            step=updates,
-            key=key,
-            config=cfg,
-            epoch=pos.epoch,
-            batch_index=pos.batch_index,
-            seed=seed,
-            tokens_seen=pos.tokens_seen,
-            tokenizer=tokenizer_name,
-            extra=checkpoint_extra,
-            keep=keep_checkpoints,
-        )
-        last_saved, result.last_checkpoint = updates, path
-        emit("checkpoint", {"step": updates, "path": str(path)})
-
-    def run_eval(e: int, b: int) -> None:
-        nonlocal last_eval
-        train_loss = evaluate(state, train_loader, eval_iter, place)
-        val_loss = evaluate(state, val_loader, eval_iter, place)
-        record = {
-            "step": updates,
-            "epoch": e + 1,
-            "epochs_done": e + b / n_batches,
-            "train_loss": train_loss,
-            "val_loss": val_loss,
-            "tokens_seen": tokens_seen,
-            "time_s": round(time.perf_counter() - t0, 3),
-        }
-        result.train_losses.append(train_loss)
-        result.val_losses.append(val_loss)
-        result.track_tokens_seen.append(tokens_seen)
-        result.eval_steps.append(updates)
-        last_eval = updates
-        if metrics_path is not None:
-            append_metrics(metrics_path, record)
-        logger.info(
-            "Ep %d (Step %06d): Train loss %.3f, Val loss %.3f", e + 1, updates, train_loss, val_loss
-        )
-        emit("eval", record)
-
-    def epoch_sample(e: int) -> None:
-        if tokenizer is None or sample_tokens == 0:
-            return
-        text = greedy_sample(state, tokenizer, start_context, sample_tokens)
-        logger.info("%s", text.replace("\n", " "))
-        emit("sample", {"epoch": e + 1, "step": updates, "text": text})
-
+    task = task or PRETRAIN
+    vocab_size = state.model.cfg.vocab_size
+    task.check_loader(train_loader, vocab_size, "training")
+    task.check_loader(val_loader, vocab_size, "validation")
+    run = RunDir(run_dir, checkpoint_every, keep_checkpoints, tokenizer_name, checkpoint_extra)
+    loop = _Loop(state, (train_loader, val_loader), key, task, opts, run, start or Position(),
+                 placer(shard_batch), stepper(task, step_fn), callback or (lambda event, info: None))
     with _stop_on_signals(handle_signals) as stop:
-        b = first_batch
-        while epoch < num_epochs and result.stopped == "epochs":
-            if max_steps is not None and updates >= max_steps:
-                result.stopped = "max_steps"
-                break
-            b = first_batch
-            for x, y in train_loader.batches(epoch, first_batch):
-                state, loss_arr = step_fn(state, *place(x, y), key)
-                loss = float(loss_arr)
-                if not math.isfinite(loss):
-                    raise NonFiniteLossError(_non_finite_message(loss, epoch, b, updates, run_dir))
-                micro += 1
-                b += 1
-                tokens_seen += int(np.size(x))
-                boundary = micro % accumulate_steps == 0
-                if boundary:
-                    updates += 1
-                info = {"step": updates, "micro_step": micro, "epoch": epoch + 1, "loss": loss}
-                emit("step", dict(info, tokens_seen=tokens_seen, time_s=time.perf_counter() - t0))
-                if boundary and (updates - 1) % eval_freq == 0:
-                    run_eval(epoch, b)
-                if boundary and checkpoint_every and updates % checkpoint_every == 0:
-                    save(position(epoch, b))
-                if stop.signum is not None:
-                    result.stopped = signal.Signals(stop.signum).name
-                    save(position(epoch, b))
-                    break
-                if boundary and max_steps is not None and updates >= max_steps:
-                    result.stopped = "max_steps"
-                    break
-            if b >= n_batches:  # the epoch is complete
-                if stop.signum is None:
-                    epoch_sample(epoch)
-                epoch, first_batch = epoch + 1, 0
-            else:
-                first_batch = b
-        pos = Position(epoch, first_batch, tokens_seen)
-        if result.stopped in ("epochs", "max_steps"):
-            if updates > 0 and last_eval != updates:
-                run_eval(max(epoch - (first_batch == 0), 0), first_batch or n_batches)
-            if last_saved != updates:
-                save(pos)
-    result.state, result.position, result.updates = state, pos, updates
-    return result
+        return loop.run_all(stop)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -23,17 +24,32 @@ def _jsonable(value: Any) -> Any:
 
 
 def append_metrics(path: str | os.PathLike[str], record: Mapping[str, Any]) -> None:
-    """Appends one record as a JSON line and flushes it to disk.
+    """Appends one record as a JSON line and flushes it to disk. On a write error (a full disk) the file
+    is cut back to its previous length, so no half line stays behind; after a line torn by a crash, the
+    record starts on a line of its own.
 
     Args:
       path: the metrics.jsonl file (created if missing).
       record: JSON-serialisable values.
     """
     line = json.dumps({k: _jsonable(v) for k, v in record.items()}, sort_keys=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    data = (line + "\n").encode("utf-8")
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":  # a line torn by a crash: end it, keep this one whole
+            data = b"\n" + data
+        try:
+            view = memoryview(data)
+            while view:  # a short write (a nearly full disk) continues, and then raises
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError:  # e.g. a full disk: take back the part of the line that was written
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

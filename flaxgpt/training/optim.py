@@ -4,30 +4,17 @@ gradient accumulation, as one ``optax.GradientTransformation``."""
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import jax
 import optax
 
+from flaxgpt.validation import check_int, check_number
+
 __all__ = ["schedule", "make_optimizer", "decay_mask"]
 
 # Leaves that ``decay_biases_and_norms=False`` leaves undecayed: biases and LayerNorm scale/shift.
 _NO_DECAY_NAMES = frozenset({"bias", "scale", "shift"})
-
-
-def _check_number(name: str, value: Any, low: float = 0.0, allow_equal: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value < low or (not allow_equal and value == low):
-        raise ValueError(f"{name} must be {'>=' if allow_equal else '>'} {low}, got {value!r}")
-    return float(value)
-
-
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
 
 
 def schedule(
@@ -46,9 +33,9 @@ def schedule(
     Returns:
       An optax schedule: update count -> learning rate.
     """
-    lr = _check_number("lr", lr, 0.0, allow_equal=False)
-    min_lr = _check_number("min_lr", min_lr)
-    warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
+    lr = check_number("lr", lr, 0.0, open_low=True)
+    min_lr = check_number("min_lr", min_lr, 0.0)
+    warmup_steps = check_int("warmup_steps", warmup_steps, 0)
     if min_lr > lr:
         raise ValueError(f"min_lr ({min_lr}) must not exceed lr ({lr})")
     if total_steps is None:
@@ -57,7 +44,7 @@ def schedule(
         return optax.join_schedules(
             [optax.linear_schedule(0.0, lr, warmup_steps), optax.constant_schedule(lr)], [warmup_steps]
         )
-    total_steps = _check_int("total_steps", total_steps, 1)
+    total_steps = check_int("total_steps", total_steps, 1)
     if total_steps <= warmup_steps:
         raise ValueError(
             f"total_steps ({total_steps}) must exceed warmup_steps ({warmup_steps}) to leave room "
@@ -128,12 +115,12 @@ def make_optimizer(
     Returns:
       The gradient transformation.
     """
-    weight_decay = _check_number("weight_decay", weight_decay)
-    accumulate_steps = _check_int("accumulate_steps", accumulate_steps, 1)
+    weight_decay = check_number("weight_decay", weight_decay, 0.0)
+    accumulate_steps = check_int("accumulate_steps", accumulate_steps, 1)
     if grad_clip is not None:
-        grad_clip = _check_number("grad_clip", grad_clip, 0.0, allow_equal=False)
+        grad_clip = check_number("grad_clip", grad_clip, 0.0, open_low=True)
     for name, value in (("b1", b1), ("b2", b2)):
-        if not 0.0 <= _check_number(name, value) < 1.0:
+        if not 0.0 <= check_number(name, value) < 1.0:
             raise ValueError(f"{name} must be in [0, 1), got {value!r}")
     lr_schedule = schedule(lr, warmup_steps, total_steps, min_lr)
     adamw = optax.adamw(

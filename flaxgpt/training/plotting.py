@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from flaxgpt.io.files import atomic_file
+
 __all__ = ["plot_losses", "plot_metrics"]
 
 
@@ -25,7 +27,7 @@ def plot_losses(
       tokens_seen: tokens seen at each evaluation (top axis).
       train_losses: training loss per evaluation.
       val_losses: validation loss per evaluation.
-      path: where to save the figure (PNG by extension); None to only return it.
+      path: where to save the figure (format by extension, written atomically); None to only return it.
 
     Returns:
       The matplotlib Figure.
@@ -54,8 +56,10 @@ def plot_losses(
     ax2.set_xlabel("Tokens seen")
     fig.tight_layout()
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path, "wb") as f:  # a full disk leaves the old figure, not half a new one
+            fig.savefig(f, dpi=120, format=path.suffix.lstrip(".") or "png")
         plt.close(fig)
     return fig
 
@@ -64,7 +68,7 @@ def plot_metrics(records: Sequence[dict[str, Any]], path: str | os.PathLike[str]
     """Plots metrics.jsonl records (``epochs_done``, ``tokens_seen``, ``train_loss``, ``val_loss``).
 
     Args:
-      records: evaluation records, as :func:`flaxgpt.metrics.read_metrics` returns them.
+      records: evaluation records, as :func:`flaxgpt.training.metrics.read_metrics` returns them.
       path: the PNG to write.
 
     Returns:

@@ -1,7 +1,9 @@
-"""The train state and the pure, jitted train step (book chapter 5.2)."""
+"""The train state and the pure, jitted train and eval steps built from a task (book chapter 5.2)."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
@@ -11,9 +13,20 @@ import optax
 from flax.training import train_state
 
 from flaxgpt.nn.model import GPTModel
-from flaxgpt.training.losses import cross_entropy_loss
+from flaxgpt.training.tasks import PRETRAIN, Batch, Metrics, Task
 
-__all__ = ["TrainState", "create_train_state", "train_step", "eval_step"]
+__all__ = [
+    "TrainState",
+    "create_train_state",
+    "make_train_step",
+    "make_eval_step",
+    "train_step",
+    "eval_step",
+]
+
+StepFn = Callable[["TrainState", Batch, jax.Array], tuple["TrainState", jax.Array]]
+EvalFn = Callable[["TrainState", Batch], Metrics]
+
 
 class TrainState(train_state.TrainState):
     """Flax's TrainState (step, params, opt_state; apply_fn and tx static) plus the model, static.
@@ -39,22 +52,68 @@ def create_train_state(model: GPTModel, params: Any, tx: optax.GradientTransform
     return state.replace(step=jnp.zeros((), jnp.int32))  # strong int32: one compile, also on resume
 
 
-def _train_step(
-    state: TrainState, inputs: jax.Array, targets: jax.Array, key: jax.Array
-) -> tuple[TrainState, jax.Array]:
+def _step(task: Task, state: TrainState, batch: Batch, key: jax.Array) -> tuple[TrainState, jax.Array]:
     dropout_key = jax.random.fold_in(key, state.step)
 
-    def loss_fn(params: Any) -> jax.Array:
-        logits = state.apply_fn(
-            {"params": params}, inputs, deterministic=False, rngs={"dropout": dropout_key}
-        )  # (B, T, V) float32
-        return cross_entropy_loss(logits, targets)
+    def loss_fn(params: Any) -> tuple[jax.Array, Metrics]:
+        return task.loss(params, state.apply_fn, batch, dropout_key, False)
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return state.apply_gradients(grads=grads), loss
 
 
-train_step = jax.jit(_train_step, donate_argnums=0)
+@functools.lru_cache(maxsize=64)
+def make_train_step(task: Task = PRETRAIN) -> StepFn:
+    """The jitted training step of a task: ``step(state, batch, key) -> (state, loss)``.
+
+    One optimizer (micro-)step: the task's loss with dropout, gradients, update. ``state`` is donated
+    (invalid after the call: use the returned one); dropout uses ``fold_in(key, state.step)``, so a run
+    is a function of its seed. Built once per task (cached), compiled once per batch shape.
+
+    Args:
+      task: the task (hashable).
+
+    Returns:
+      The jitted step; the loss is the float32 scalar of this batch before the update.
+    """
+    return jax.jit(functools.partial(_step, task), donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=64)
+def make_eval_step(task: Task = PRETRAIN) -> EvalFn:
+    """The jitted evaluation step of a task: ``eval(state, batch) -> task.batch_metrics(...)``.
+
+    Args:
+      task: the task (hashable).
+
+    Returns:
+      The jitted function; its values are float32 scalars, without dropout.
+    """
+
+    def metrics(state: TrainState, batch: Batch) -> Metrics:
+        return task.batch_metrics(state.params, state.apply_fn, batch)
+
+    return jax.jit(metrics)
+
+
+def _pretrain_step(
+    state: TrainState, inputs: jax.Array, targets: jax.Array, key: jax.Array
+) -> tuple[TrainState, jax.Array]:
+    """One optimizer (micro-)step of pretraining: loss, gradients, update. Jitted once; ``state`` is donated.
+
+    Args:
+      state: the train state (invalid after the call: use the returned one).
+      inputs: (B, T) int32 token ids.
+      targets: (B, T) int32 next-token ids (-100 to ignore a position).
+      key: the run's PRNG key; dropout uses ``fold_in(key, state.step)``, so a run is a function of its seed.
+
+    Returns:
+      (new state, float32 scalar loss of this batch before the update).
+    """
+    return _step(PRETRAIN, state, (inputs, targets), key)
+
+
+train_step = jax.jit(_pretrain_step, donate_argnums=0)
 
 
 @jax.jit
@@ -69,5 +128,4 @@ def eval_step(state: TrainState, inputs: jax.Array, targets: jax.Array) -> jax.A
     Returns:
       A float32 scalar.
     """
-    logits = state.apply_fn({"params": state.params}, inputs, deterministic=True)  # (B, T, V)
-    return cross_entropy_loss(logits, targets)
+    return PRETRAIN.batch_metrics(state.params, state.apply_fn, (inputs, targets))["loss"]

@@ -1,5 +1,5 @@
-"""flaxgpt.generation.decode: KV-cache generation in one compiled while loop, checked against the book's loop,
-the full forward pass and Hugging Face's GPT-2."""
+"""flaxgpt.generation.decode: KV-cache generation in one compiled while loop, checked against the book's
+loop, the full forward pass and Hugging Face's GPT-2."""
 
 from __future__ import annotations
 
@@ -12,13 +12,15 @@ import pytest
 
 from flaxgpt.book.generate import generate_text_simple
 from flaxgpt.config import GPTConfig
-from flaxgpt.generation.buckets import new_tokens_bucket, prompt_bucket
 from flaxgpt.generation.decode import decode_step, generate, left_pad
 from flaxgpt.nn.kv_cache import init_cache
 from flaxgpt.nn.model import GPTModel, forward
 from flaxgpt.nn.params import convert_layout, init_params
 
+# A parametrize-level constant: the bad-input cases name its vocabulary (97) and context (64).
 CFG = GPTConfig(vocab_size=97, context_length=64, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
+
+
 RAGGED = [[5, 17, 42, 9, 3], [11, 2], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
 
 
@@ -57,26 +59,11 @@ def _book(model, params, prompt, n):
     return np.asarray(generate_text_simple(model, params, np.asarray([prompt]), n, CFG.context_length))[0]
 
 
-# --------------------------------------------------------------------------- buckets
-
-
-def test_buckets():
-    assert [prompt_bucket(t, 1024) for t in (1, 8, 9, 100, 1000)] == [8, 8, 16, 128, 1024]
-    assert prompt_bucket(50, 40) == 40
-    assert [new_tokens_bucket(n, 1024) for n in (1, 8, 9, 13, 17, 25, 33, 49, 100)] == [
-        8, 8, 12, 16, 24, 32, 48, 64, 128,
-    ]
-    assert new_tokens_bucket(500, 300) == 300
-
-
 def test_left_pad():
     idx, offset = left_pad([np.array([1, 2, 3]), np.array([4])], 64)
     np.testing.assert_array_equal(offset, [5, 7])
     np.testing.assert_array_equal(idx[:, -3:], [[1, 2, 3], [0, 0, 4]])
     assert idx.shape == (2, 8)
-
-
-# --------------------------------------------------------------------------- equivalences
 
 
 def test_greedy_matches_book_loop_for_a_batch(model, params):
@@ -131,9 +118,6 @@ def test_cached_logits_match_full_forward_at_every_position(model, params):
         np.testing.assert_allclose(steps[b], full[len(p) : len(p) + 9], atol=1e-5, rtol=1e-5)
 
 
-# --------------------------------------------------------------------------- sampling
-
-
 def test_top_k_1_equals_greedy(model, params):
     greedy = generate(model, params, RAGGED, max_new_tokens=10)
     sampled = generate(model, params, RAGGED, max_new_tokens=10, temperature=1.3, top_k=1, key=jax.random.key(3))
@@ -149,9 +133,6 @@ def test_same_key_same_output_other_key_other_output(model, params):
     np.testing.assert_array_equal(a, generate(model, params, prompt, key=jax.random.PRNGKey(1), **kw))
     assert not np.array_equal(a, generate(model, params, prompt, key=jax.random.key(2), **kw))
     assert not np.array_equal(a, generate(model, params, prompt, max_new_tokens=12))  # not greedy
-
-
-# --------------------------------------------------------------------------- EOS
 
 
 def _pick_eos(rows: np.ndarray) -> int:
@@ -190,9 +171,6 @@ def test_eos_in_every_row_ends_early_and_keeps_shape(model, params):
     assert [len(r) for r in generate(model, params, [[5, 17, 42, 9]], max_new_tokens=10, eos_id=first)] == [4]
 
 
-# --------------------------------------------------------------------------- compilation
-
-
 def test_one_compilation_per_bucket():
     """A second call with another prompt length in the same bucket, another max_new_tokens in the same
     bucket and other sampling settings must not trace or compile anything."""
@@ -216,9 +194,6 @@ def test_one_compilation_per_bucket():
     with count_compilations() as other_bucket:  # the counter does see a new bucket
         generate(model, params, np.arange(1, 10)[None], max_new_tokens=9)
     assert other_bucket["compile"] >= 1
-
-
-# --------------------------------------------------------------------------- bad input
 
 
 @pytest.mark.parametrize(
@@ -253,9 +228,6 @@ def test_bad_input_raises_before_compute(model, params, prompt, kwargs, match):
 def test_prompt_plus_new_tokens_may_fill_the_context(model, params):
     out = generate(model, params, [1] * 60, max_new_tokens=4)
     assert out.shape == (64,)
-
-
-# --------------------------------------------------------------------------- Hugging Face parity
 
 
 def test_greedy_matches_hugging_face_generate():

@@ -1,4 +1,4 @@
-"""Weight mapping: flaxgpt params <-> Hugging Face GPT-2 names and the book's GPTModel names (numpy only)."""
+"""Hugging Face GPT-2 names and configs <-> flaxgpt params (flaxgpt.io.hf; numpy only, no files)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,10 @@ import numpy as np
 import pytest
 
 from flaxgpt.config import GPTConfig
-from flaxgpt.io.book import book_config, params_from_book, params_to_book
 from flaxgpt.io.hf import config_from_hf, config_to_hf, hf_tensors, params_from_hf, params_to_hf
 from flaxgpt.io.mapping import check_params
 from flaxgpt.nn.params import count_params, param_shapes
-
-TINY = dict(vocab_size=61, context_length=8, emb_dim=16, n_heads=4, n_layers=2, drop_rate=0.0)
+from flaxgpt.pytree import flat_dict
 
 
 def random_params(cfg: GPTConfig, seed: int = 0) -> dict:
@@ -21,21 +19,11 @@ def random_params(cfg: GPTConfig, seed: int = 0) -> dict:
     return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), param_shapes(cfg))
 
 
-def flat(tree, prefix=""):
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flat(v, f"{prefix}{k}/"))
-        else:
-            out[prefix + k] = np.asarray(v)
-    return out
-
-
 def assert_same_params(a, b):
-    fa, fb = flat(a), flat(b)
+    fa, fb = flat_dict(a), flat_dict(b)
     assert sorted(fa) == sorted(fb)
     for k in fa:
-        assert fa[k].shape == fb[k].shape, k
+        assert np.shape(fa[k]) == np.shape(fb[k]), k
         np.testing.assert_array_equal(np.asarray(fa[k], np.float32), np.asarray(fb[k], np.float32), err_msg=k)
 
 
@@ -44,8 +32,8 @@ def assert_same_params(a, b):
 
 @pytest.mark.parametrize("tie", [True, False])
 @pytest.mark.parametrize("qkv_bias", [True, False])
-def test_hf_round_trip_and_names(tie, qkv_bias):
-    cfg = GPTConfig(**TINY, qkv_bias=qkv_bias, tie_embeddings=tie)
+def test_hf_round_trip_and_names(tie, qkv_bias, tiny_config):
+    cfg = tiny_config(qkv_bias=qkv_bias, tie_embeddings=tie)
     params = random_params(cfg)
     sd = params_to_hf(params, cfg)
     c = cfg.emb_dim
@@ -63,9 +51,9 @@ def test_hf_round_trip_and_names(tie, qkv_bias):
     assert_same_params(params_from_hf(sd, cfg), params)
 
 
-def test_hf_import_matches_the_model_tree_in_both_layouts():
+def test_hf_import_matches_the_model_tree_in_both_layouts(tiny_config):
     for scan in (False, True):
-        cfg = GPTConfig(**TINY, qkv_bias=True, tie_embeddings=False, scan_layers=scan)
+        cfg = tiny_config(qkv_bias=True, tie_embeddings=False, scan_layers=scan)
         sd = params_to_hf(random_params(cfg.replace(scan_layers=False)), cfg.replace(scan_layers=False))
         got = params_from_hf(sd, cfg)
         want = param_shapes(cfg)
@@ -75,8 +63,8 @@ def test_hf_import_matches_the_model_tree_in_both_layouts():
         )
 
 
-def test_scanned_params_export_like_unrolled():
-    cfg = GPTConfig(**TINY, qkv_bias=True)
+def test_scanned_params_export_like_unrolled(tiny_config):
+    cfg = tiny_config(qkv_bias=True)
     params = random_params(cfg)
     scanned = random_params(cfg.replace(scan_layers=True))  # a different tree, to check the layout is read
     from flaxgpt.nn.params import stack_layers, unstack_layers
@@ -89,9 +77,9 @@ def test_scanned_params_export_like_unrolled():
     assert_same_params(params_from_hf(params_to_hf(scanned, cfg), cfg), unstack_layers(scanned))
 
 
-def test_hub_layout_loads():
+def test_hub_layout_loads(tiny_config):
     """The published files: no prefix, (1, 1, ctx, ctx) causal-mask buffers named attn.bias, no lm_head."""
-    cfg = GPTConfig(**TINY, qkv_bias=True, tie_embeddings=True)
+    cfg = tiny_config(qkv_bias=True, tie_embeddings=True)
     params = random_params(cfg)
     sd = params_to_hf(params, cfg, prefix=False)
     assert "wte.weight" in sd and "lm_head.weight" not in sd
@@ -102,8 +90,8 @@ def test_hub_layout_loads():
     assert_same_params(params_from_hf(sd, cfg), params)
 
 
-def test_tied_lm_head_accepted_when_equal_and_refused_when_not():
-    cfg = GPTConfig(**TINY, qkv_bias=True, tie_embeddings=True)
+def test_tied_lm_head_accepted_when_equal_and_refused_when_not(tiny_config):
+    cfg = tiny_config(qkv_bias=True, tie_embeddings=True)
     params = random_params(cfg)
     sd = params_to_hf(params, cfg)
     sd["lm_head.weight"] = sd["transformer.wte.weight"].copy()
@@ -113,8 +101,8 @@ def test_tied_lm_head_accepted_when_equal_and_refused_when_not():
         params_from_hf(sd, cfg)
 
 
-def test_qkv_bias_must_be_zero_or_absent_without_qkv_bias():
-    cfg = GPTConfig(**TINY, qkv_bias=False)
+def test_qkv_bias_must_be_zero_or_absent_without_qkv_bias(tiny_config):
+    cfg = tiny_config(qkv_bias=False)
     params = random_params(cfg)
     sd = params_to_hf(params, cfg)
     assert_same_params(params_from_hf(sd, cfg), params)  # all-zero biases: accepted
@@ -125,20 +113,20 @@ def test_qkv_bias_must_be_zero_or_absent_without_qkv_bias():
         params_from_hf(sd, cfg)
 
 
-def test_hf_errors_name_the_tensor_and_shapes():
-    cfg = GPTConfig(**TINY, qkv_bias=True)
+def test_hf_errors_name_the_tensor_and_shapes(tiny_config):
+    cfg = tiny_config(qkv_bias=True)
     sd = params_to_hf(random_params(cfg), cfg)
     missing = dict(sd)
     del missing["transformer.h.1.mlp.c_fc.bias"]
-    with pytest.raises(ValueError, match=r"missing tensor 'h.1.mlp.c_fc.bias' \(expected shape \(64,\)\)"):
+    with pytest.raises(ValueError, match=r"missing tensor 'h.1.mlp.c_fc.bias' \(expected shape \(128,\)\)"):
         params_from_hf(missing, cfg)
-    extra = dict(sd, **{"transformer.h.2.ln_1.weight": np.ones(16, np.float32)})
-    with pytest.raises(ValueError, match=r"unexpected tensor 'h.2.ln_1.weight' with shape \(16,\)"):
+    extra = dict(sd, **{"transformer.h.2.ln_1.weight": np.ones(32, np.float32)})
+    with pytest.raises(ValueError, match=r"unexpected tensor 'h.2.ln_1.weight' with shape \(32,\)"):
         params_from_hf(extra, cfg)
-    wrong = dict(sd, **{"transformer.wpe.weight": np.ones((9, 16), np.float32)})
-    with pytest.raises(ValueError, match=r"'wpe.weight' has shape \(9, 16\), expected \(8, 16\)"):
+    wrong = dict(sd, **{"transformer.wpe.weight": np.ones((17, 32), np.float32)})
+    with pytest.raises(ValueError, match=r"'wpe.weight' has shape \(17, 32\), expected \(16, 32\)"):
         params_from_hf(wrong, cfg)
-    ints = dict(sd, **{"transformer.ln_f.bias": np.ones(16, np.int64)})
+    ints = dict(sd, **{"transformer.ln_f.bias": np.ones(32, np.int64)})
     with pytest.raises(ValueError, match=r"'ln_f.bias' has dtype int64"):
         params_from_hf(ints, cfg)
     twice = dict(sd, **{"wte.weight": sd["transformer.wte.weight"]})
@@ -146,8 +134,8 @@ def test_hf_errors_name_the_tensor_and_shapes():
         params_from_hf(twice, cfg)
 
 
-def test_bfloat16_params_export_as_bfloat16_and_import_casts():
-    cfg = GPTConfig(**TINY, qkv_bias=False, param_dtype="bfloat16")
+def test_bfloat16_params_export_as_bfloat16_and_import_casts(tiny_config):
+    cfg = tiny_config(qkv_bias=False, param_dtype="bfloat16")
     params = random_params(cfg)
     sd = params_to_hf(params, cfg)
     assert {a.dtype.name for a in sd.values()} == {"bfloat16"}
@@ -158,12 +146,12 @@ def test_bfloat16_params_export_as_bfloat16_and_import_casts():
     assert {x.dtype.name for x in jax.tree.leaves(as_f32)} == {"float32"}
 
 
-def test_export_checks_the_params_against_the_config():
-    cfg = GPTConfig(**TINY)
+def test_export_checks_the_params_against_the_config(tiny_config):
+    cfg = tiny_config()
     params = random_params(cfg)
-    params["trf_blocks_0"]["ff"]["fc1"]["kernel"] = np.zeros((16, 32), np.float32)
+    params["trf_blocks_0"]["ff"]["fc1"]["kernel"] = np.zeros((32, 64), np.float32)
     with pytest.raises(
-        ValueError, match=r"'trf_blocks_0/ff/fc1/kernel' has shape \(16, 32\), expected \(16, 64\)"
+        ValueError, match=r"'trf_blocks_0/ff/fc1/kernel' has shape \(32, 64\), expected \(32, 128\)"
     ):
         params_to_hf(params, cfg)
     with pytest.raises(ValueError, match="missing 'out_head/kernel'"):
@@ -184,8 +172,8 @@ def test_full_size_gpt2_mapping_by_shapes():
 # --------------------------------------------------------------------------- configs
 
 
-def test_hf_config_round_trip():
-    for cfg in (GPTConfig(**TINY, qkv_bias=True, tie_embeddings=True), GPTConfig(**TINY, qkv_bias=False)):
+def test_hf_config_round_trip(tiny_config):
+    for cfg in (tiny_config(qkv_bias=True, tie_embeddings=True), tiny_config(qkv_bias=False)):
         back = config_from_hf(config_to_hf(cfg), init=cfg.init)
         assert back == cfg
 
@@ -216,68 +204,27 @@ def test_published_gpt2_config_maps_to_gpt2_settings():
         ({"activation_function": "relu"}, "activation_function='relu'"),
         ({"n_inner": 100}, "n_inner=100"),
         ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=True"),
-        ({"n_head": None}, "n_heads must be a positive integer"),
+        ({"n_head": None}, "n_heads must be a positive int"),
     ],
 )
-def test_unsupported_hf_configs_are_refused(change, match):
-    hf = dict(config_to_hf(GPTConfig(**TINY)), **change)
+def test_unsupported_hf_configs_are_refused(change, match, tiny_config):
+    hf = dict(config_to_hf(tiny_config()), **change)
     with pytest.raises(ValueError, match=match):
         config_from_hf(hf)
 
 
-# --------------------------------------------------------------------------- the book's names
+# --------------------------------------------------------------------------- non-finite weights
 
 
-@pytest.mark.parametrize("qkv_bias", [True, False])
-def test_book_round_trip_and_layout(qkv_bias):
-    cfg = GPTConfig(**TINY, qkv_bias=qkv_bias)
-    params = random_params(cfg)
-    sd = params_to_book(params, cfg)
-    att = params["trf_blocks_1"]["att"]
-    np.testing.assert_array_equal(
-        sd["trf_blocks.1.att.W_value.weight"], np.asarray(att["W_value"]["kernel"]).T
-    )
-    assert sd["trf_blocks.0.ff.layers.0.weight"].shape == (64, 16)  # torch Linear: (out, in)
-    assert ("trf_blocks.0.att.W_query.bias" in sd) == qkv_bias
-    np.testing.assert_array_equal(sd["trf_blocks.1.att.mask"], np.triu(np.ones((8, 8)), k=1))
-    assert_same_params(params_from_book(sd, cfg), params)
-    inferred = book_config({k: v.shape for k, v in sd.items()}, n_heads=4, drop_rate=0.0)
-    assert inferred == cfg
-
-
-def test_book_tied_head_is_written_and_checked():
-    cfg = GPTConfig(**TINY, tie_embeddings=True)
-    params = random_params(cfg)
-    sd = params_to_book(params, cfg, masks=False)
-    np.testing.assert_array_equal(sd["out_head.weight"], sd["tok_emb.weight"])
-    assert not any(k.endswith("att.mask") for k in sd)
-    assert_same_params(params_from_book(sd, cfg), params)
-    sd["out_head.weight"] = sd["out_head.weight"] + 1
-    with pytest.raises(ValueError, match="'out_head.weight' differs from 'tok_emb.weight'"):
-        params_from_book(sd, cfg)
-    untied = params_from_book(sd, cfg.replace(tie_embeddings=False))
-    np.testing.assert_array_equal(untied["out_head"]["kernel"], sd["out_head.weight"].T)
-
-
-def test_book_config_needs_heads_unless_a_preset_width():
-    shapes = {
-        "tok_emb.weight": (50257, 768),
-        "pos_emb.weight": (1024, 768),
-        "trf_blocks.11.norm1.scale": (768,),
-    }
-    cfg = book_config(shapes)
-    assert (cfg.n_heads, cfg.n_layers, cfg.qkv_bias, cfg.tie_embeddings) == (12, 12, False, False)
-    with pytest.raises(ValueError, match=r"cannot infer n_heads for emb_dim=16.*--n-heads"):
-        book_config({"tok_emb.weight": (5, 16), "pos_emb.weight": (4, 16), "trf_blocks.0.norm1.scale": (16,)})
-    with pytest.raises(ValueError, match="no 2-D tensor 'tok_emb.weight'"):
-        book_config({"wte.weight": (5, 16)})
-
-
-def test_book_errors_name_the_tensor():
-    cfg = GPTConfig(**TINY)
-    sd = params_to_book(random_params(cfg), cfg)
-    sd["trf_blocks.0.att.W_query.weight"] = np.zeros((16, 8), np.float32)
-    with pytest.raises(
-        ValueError, match=r"'trf_blocks.0.att.W_query.weight' has shape \(16, 8\), expected \(16, 16\)"
-    ):
-        params_from_book(sd, cfg)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_non_finite_tensors_are_refused_naming_the_tensor(tiny_config, dtype):
+    cfg = tiny_config(qkv_bias=True, param_dtype=dtype)
+    sd = params_to_hf(random_params(cfg), cfg)
+    bad = sd["transformer.h.1.mlp.c_fc.weight"].copy()
+    bad[0, :2] = np.nan
+    bad[3, 4] = np.inf
+    sd["transformer.h.1.mlp.c_fc.weight"] = bad
+    with pytest.raises(ValueError, match=r"'h.1.mlp.c_fc.weight' holds 3 non-finite values .*allow_non_finite=True"):
+        params_from_hf(sd, cfg)
+    got = params_from_hf(sd, cfg, allow_non_finite=True)  # the explicit opt-out keeps the values
+    assert np.isnan(np.asarray(got["trf_blocks_1"]["ff"]["fc1"]["kernel"], np.float32)).sum() == 2
