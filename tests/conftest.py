@@ -58,3 +58,28 @@ def tiny_config():
         return GPTConfig(**{**TINY_FIELDS, **overrides})
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_config):
+    """The model tests' config: the suite's tiny config with dropout on (the dropout and remat tests need it)."""
+    return tiny_config(drop_rate=0.1)
+
+
+@pytest.fixture(scope="session")
+def tiny_params(tiny):
+    """Parameters of ``tiny`` (key 0)."""
+    import jax
+
+    from flaxgpt.nn.params import init_params
+
+    return init_params(tiny, jax.random.key(0))
+
+
+@pytest.fixture(scope="session")
+def ids(tiny):
+    """(2, 10) ids shared by the model tests, so that their jitted forwards share compiles."""
+    import jax
+    import numpy as np
+
+    return np.asarray(jax.random.randint(jax.random.key(1), (2, 10), 0, tiny.vocab_size), np.int32)

@@ -2,29 +2,11 @@
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 import pytest
+from _weights import assert_same_params, random_params
 
-from flaxgpt.config import GPTConfig
 from flaxgpt.io.book import book_config, book_tensors, params_from_book, params_to_book
-from flaxgpt.nn.params import param_shapes
-from flaxgpt.pytree import flat_dict
-
-
-def random_params(cfg: GPTConfig, seed: int = 0) -> dict:
-    """Params with every leaf random (no all-ones LayerNorm scales or zero biases to hide mix-ups)."""
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), param_shapes(cfg))
-
-
-def assert_same_params(a, b):
-    fa, fb = flat_dict(a), flat_dict(b)
-    assert sorted(fa) == sorted(fb)
-    for k in fa:
-        assert np.shape(fa[k]) == np.shape(fb[k]), k
-        np.testing.assert_array_equal(np.asarray(fa[k], np.float32), np.asarray(fb[k], np.float32), err_msg=k)
-
 
 # --------------------------------------------------------------------------- the book's names
 

@@ -8,11 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _weights import assert_same_params, random_params
 
 from flaxgpt.cli import main
 from flaxgpt.config import GPTConfig
 from flaxgpt.io.pretrained import load_book, load_pretrained, save_pretrained
-from flaxgpt.nn.params import count_params, param_shapes
+from flaxgpt.nn.params import count_params
 
 PROMPT = "Every effort moves you"
 TINY = GPTConfig(
@@ -26,18 +27,6 @@ TINY = GPTConfig(
     tie_embeddings=True,
     init="gpt2",
 )
-
-
-def random_params(cfg: GPTConfig, seed: int = 0, scale: float = 1.0) -> dict:
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda s: (scale * rng.standard_normal(s.shape)).astype(s.dtype), param_shapes(cfg))
-
-
-def assert_same_params(a, b) -> None:
-    la, lb = jax.tree.leaves_with_path(a), jax.tree.leaves_with_path(b)
-    assert [p for p, _ in la] == [p for p, _ in lb]
-    for (path, x), (_, y) in zip(la, lb, strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
 
 
 @pytest.fixture(scope="module")

@@ -15,23 +15,6 @@ from flaxgpt.nn.params import (
 )
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_config):
-    """This file's model: the suite's tiny config with dropout on (the dropout and remat tests need it)."""
-    return tiny_config(drop_rate=0.1)
-
-
-@pytest.fixture(scope="module")
-def tiny_params(tiny):
-    return init_params(tiny, jax.random.key(0))
-
-
-@pytest.fixture(scope="module")
-def ids(tiny):
-    """(2, 10) ids shared by most tests, so that their jitted forwards share compiles."""
-    return np.asarray(jax.random.randint(jax.random.key(1), (2, 10), 0, tiny.vocab_size), np.int32)
-
-
 def test_init_cache_shapes(tiny):
     cache = init_cache(tiny, batch_size=3, length=10)  # unrolled: one array per layer
     assert len(cache.k) == len(cache.v) == 2

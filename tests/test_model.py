@@ -23,23 +23,6 @@ from flaxgpt.nn.params import (
 )
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_config):
-    """This file's model: the suite's tiny config with dropout on (the dropout and remat tests need it)."""
-    return tiny_config(drop_rate=0.1)
-
-
-@pytest.fixture(scope="module")
-def tiny_params(tiny):
-    return init_params(tiny, jax.random.key(0))
-
-
-@pytest.fixture(scope="module")
-def ids(tiny):
-    """(2, 10) ids shared by most tests, so that their jitted forwards share compiles."""
-    return np.asarray(jax.random.randint(jax.random.key(1), (2, 10), 0, tiny.vocab_size), np.int32)
-
-
 def _ids(key: int, shape: tuple[int, int], vocab: int) -> jax.Array:
     return jax.random.randint(jax.random.key(key), shape, 0, vocab)
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _weights import assert_same_params, random_params
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -29,23 +30,11 @@ from flaxgpt.io.pretrained import (
     save_pretrained,
 )
 from flaxgpt.nn.model import GPTModel, forward
-from flaxgpt.nn.params import param_shapes, unstack_layers
+from flaxgpt.nn.params import unstack_layers
 
 TINY = dict(vocab_size=61, context_length=8, emb_dim=16, n_heads=4, n_layers=2, drop_rate=0.0)
 GPT2_TINY = GPTConfig(**TINY, qkv_bias=True, tie_embeddings=True, init="gpt2")
 SHA = "0123456789abcdef0123456789abcdef01234567"
-
-
-def random_params(cfg: GPTConfig, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), param_shapes(cfg))
-
-
-def assert_same_params(a, b) -> None:
-    la, lb = jax.tree.leaves_with_path(a), jax.tree.leaves_with_path(b)
-    assert [p for p, _ in la] == [p for p, _ in lb]
-    for (path, x), (_, y) in zip(la, lb, strict=True):
-        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32), err_msg=str(path))
 
 
 def hub_layout(cfg: GPTConfig, params) -> dict[str, np.ndarray]:
