@@ -56,6 +56,9 @@ class GPTConfig:
       param_dtype: storage dtype of parameters.
       attention: "xla" (explicit einsum + softmax) or "dot_product" (``jax.nn.dot_product_attention``,
         cuDNN flash attention on GPUs where available).
+      num_classes: None for a language model (the head predicts ``vocab_size`` tokens); an int >= 2 for a
+        classifier (book chapter 6): the head is an ``(emb_dim, num_classes)`` linear layer with bias (see
+        :func:`flaxgpt.finetune.classify.to_classifier`).
     """
 
     vocab_size: int = 50257
@@ -73,6 +76,7 @@ class GPTConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention: str = "xla"
+    num_classes: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
@@ -87,6 +91,10 @@ class GPTConfig:
         for name, allowed in (("init", _INITS), ("remat", _REMAT), ("attention", _ATTENTION)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"GPTConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.num_classes is not None:
+            check_int("GPTConfig.num_classes", self.num_classes, 2)
+            if self.tie_embeddings:
+                raise ValueError("GPTConfig.num_classes needs tie_embeddings=False: a classifier has its own head")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in COMPUTE_DTYPES:
                 raise ValueError(

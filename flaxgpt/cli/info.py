@@ -50,9 +50,18 @@ def model_info(path: str, n_heads: int | None = None) -> dict[str, object]:
         "format": fmt,
         "location": location,
         "config": cfg.to_dict(),
+        "head": _head(cfg),
         "parameters": count_params(shapes),
         "bytes": param_bytes(shapes),
     }
+
+
+def _head(cfg: object) -> str:
+    """The output head in words: a classifier's classes, or the language model's (tied) vocabulary head."""
+    if getattr(cfg, "num_classes", None) is not None:
+        return f"classifier: {cfg.emb_dim} -> {cfg.num_classes} classes, with bias (book chapter 6)"
+    tied = " (tied to tok_emb)" if cfg.tie_embeddings else ""
+    return f"language model: {cfg.emb_dim} -> {cfg.vocab_size} tokens{tied}"
 
 
 def _print_model(info: dict[str, object]) -> None:
@@ -60,6 +69,7 @@ def _print_model(info: dict[str, object]) -> None:
     print(f"{'location':15s} {info['location']}")
     for name, value in info["config"].items():  # type: ignore[union-attr]
         print(f"{name:15s} {value}")
+    print(f"{'head':15s} {info['head']}")
     n, size = int(info["parameters"]), int(info["bytes"])  # type: ignore[call-overload]
     print(f"{'parameters':15s} {n:,} ({n / 1e6:.1f}M)")
     print(f"{'size':15s} {size:,} bytes ({size / 2**20:.1f} MiB)")

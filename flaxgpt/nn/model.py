@@ -84,10 +84,11 @@ class GPTModel(nn.Module):
             self.trf_blocks = [block(cfg, name=f"trf_blocks_{i}") for i in range(cfg.n_layers)]
         self.final_norm = LayerNorm(cfg.ln_eps, cfg.weight_dtype)
         if not cfg.tie_embeddings:
+            classifier = cfg.num_classes is not None  # book ch. 6: nn.Linear(emb_dim, num_classes), with bias
             self.out_head = dense(
-                cfg.vocab_size,
+                cfg.num_classes if classifier else cfg.vocab_size,
                 cfg.emb_dim,
-                use_bias=False,
+                use_bias=classifier,
                 init=cfg.init,
                 dtype=cfg.compute_dtype,
                 param_dtype=cfg.weight_dtype,

@@ -166,11 +166,13 @@ class RunDir:
         """The run's complete checkpoints, oldest first (empty without a path)."""
         return list_checkpoints(self.path) if self.path is not None else []
 
-    def plot(self, path: str | os.PathLike[str] | None = None) -> Path | None:
-        """Draws metrics.jsonl as the book's loss figure.
+    def plot(self, path: str | os.PathLike[str] | None = None, metric: str = "loss", seen: str = "Tokens seen") -> Path | None:
+        """Draws metrics.jsonl as the book's figure of one metric (the loss by default).
 
         Args:
-          path: the image (default ``path/loss.png``).
+          path: the image (default ``path/loss.png``, or ``path/<metric>.png`` for another metric).
+          metric: the metric to draw, as recorded (``train_<metric>`` and ``val_<metric>``).
+          seen: the top axis' title ("Examples seen" for a classifier).
 
         Returns:
           The image written, or None when there is no run folder or no evaluation yet.
@@ -182,7 +184,8 @@ class RunDir:
         records = read_metrics(self.metrics_path)
         if not records:
             return None
-        out = Path(path) if path is not None else self.path / LOSS_PLOT
+        default = LOSS_PLOT if metric == "loss" else f"{metric}.png"
+        out = Path(path) if path is not None else self.path / default
         with self._writing(out):
-            plot_metrics(records, out)
+            plot_metrics(records, out, metric, seen)
         return out

@@ -1,0 +1,2 @@
+"""Fine-tuning tasks that plug into the one training loop: trainable-parameter selection, and the
+chapter-6 classifier."""

@@ -1,0 +1,126 @@
+"""Tests for ``flaxgpt finetune classify`` and ``flaxgpt classify`` (flaxgpt/cli/finetune.py, classify.py):
+outputs, exact resume, starting from a ``flaxgpt train`` run, clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flaxgpt.cli import main
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory) -> Path:
+    """A tiny byte-level `flaxgpt train` run to fine-tune from."""
+    root = tmp_path_factory.mktemp("base")
+    text = root / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    rc = main(["train", "--text", str(text), "--tokenizer", "bytes", "--emb-dim", "32", "--n-layers", "2",
+               "--n-heads", "2", "--context-length", "32", "--batch-size", "4", "--max-steps", "2",
+               "--out", str(root / "run")])
+    assert rc == 0
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def data_csv(tmp_path_factory) -> Path:
+    """80 random lowercase texts; label 1 when the text holds a 'z'."""
+    rng = np.random.default_rng(0)
+    rows = ["text,label"]
+    for _ in range(80):
+        t = "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(4, 20)))
+        rows.append(f"{t},{int('z' in t)}")
+    path = tmp_path_factory.mktemp("data") / "d.csv"
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+def _finetune(base: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["finetune", "classify", "--checkpoint", str(base), "--data", str(data), "--out", str(out),
+            "--batch-size", "4", "--eval-freq", "3", "--eval-iter", "2", "--lr", "1e-3", "--epochs", "2", *extra]
+
+
+def test_outputs_classify_and_info(base_run: Path, data_csv: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cls"
+    rc, text, _ = _run(capsys, *_finetune(base_run, data_csv, out, "--max-steps", "8"))
+    assert rc == 0, text
+    for name in ("metrics.jsonl", "loss.png", "accuracy.png", "results.json", "config.json"):
+        assert (out / name).is_file(), name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"train_loss", "val_loss", "train_accuracy", "val_accuracy"} <= set(records[-1])
+    assert records[-1]["step"] == 8 and records[-1]["tokens_seen"] == 8 * 4  # examples seen, as the book
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["accuracy"]) == {"train", "validation", "test"}
+    assert all(0.0 <= v <= 1.0 for v in results["accuracy"].values())
+
+    rc, text, _ = _run(capsys, "classify", "--checkpoint", str(out), "abcz", "abc")
+    assert rc == 0 and [line.split("\t")[1] for line in text.splitlines()] == ["abcz", "abc"]
+    assert all(line.split("\t")[0] in ("0", "1") for line in text.splitlines())
+
+    rc, text, _ = _run(capsys, "info", str(out))
+    assert rc == 0 and "classifier: 32 -> 2 classes" in text
+
+
+def test_trainable_last_block_leaves_the_rest_bit_identical(base_run: Path, data_csv: Path, tmp_path: Path,
+                                                             capsys) -> None:
+    from flaxgpt.io.checkpoint import load_model_from_checkpoint
+
+    out = tmp_path / "cls"
+    rc, _, _ = _run(capsys, *_finetune(base_run, data_csv, out, "--max-steps", "4"))
+    assert rc == 0
+    _, base, _ = load_model_from_checkpoint(base_run)
+    _, tuned, _ = load_model_from_checkpoint(out)
+    np.testing.assert_array_equal(tuned["tok_emb"]["embedding"], base["tok_emb"]["embedding"])
+    np.testing.assert_array_equal(tuned["trf_blocks_0"]["att"]["W_query"]["kernel"],
+                                  base["trf_blocks_0"]["att"]["W_query"]["kernel"])
+    assert not np.array_equal(tuned["trf_blocks_1"]["att"]["W_query"]["kernel"],
+                              base["trf_blocks_1"]["att"]["W_query"]["kernel"])
+
+
+def test_resume_continues_exactly(base_run: Path, data_csv: Path, tmp_path: Path, capsys) -> None:
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert _run(capsys, *_finetune(base_run, data_csv, whole, "--max-steps", "12"))[0] == 0
+    assert _run(capsys, *_finetune(base_run, data_csv, split, "--max-steps", "6", "--checkpoint-every", "3"))[0] == 0
+    rc, text, _ = _run(capsys, *_finetune(base_run, data_csv, split, "--max-steps", "12", "--resume"))
+    assert rc == 0 and "resuming" in text
+
+    def losses(run: Path) -> list[tuple[int, float, float]]:
+        recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["train_loss"], r["val_accuracy"]) for r in recs]
+
+    # same machine, same seed: identical; the split run also evaluated where it stopped (step 6)
+    assert [r for r in losses(split) if r[0] != 6] == losses(whole)
+    assert 6 in [r[0] for r in losses(split)] and 6 not in [r[0] for r in losses(whole)]
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (("--trainable", "everything"), "trainable must be one of"),
+        (("--trainable", "nothing_here/"), "match no parameter"),
+        (("--epochs", "0"), "--epochs must be >= 1"),
+    ],
+)
+def test_bad_options_are_one_line_errors(base_run: Path, data_csv: Path, tmp_path: Path, capsys, extra, match) -> None:
+    rc, _, err = _run(capsys, *_finetune(base_run, data_csv, tmp_path / "x", *extra))
+    assert rc == 2 and match in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_data_and_resume_errors(base_run: Path, tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("message,label\nhi,0\n", encoding="utf-8")
+    rc, _, err = _run(capsys, *_finetune(base_run, bad, tmp_path / "x"))
+    assert rc == 2 and "no column 'text'" in err
+    rc, _, err = _run(capsys, *_finetune(base_run, bad, tmp_path / "none", "--resume"))
+    assert rc == 2 and "no checkpoint" in err
+    rc, _, err = _run(capsys, "classify", "--checkpoint", str(base_run), "hello")
+    assert rc == 2 and "not a classifier run" in err
