@@ -44,6 +44,11 @@ from flaxgpt.training.state import TrainState, create_train_state, make_train_st
 from flaxgpt.training.loop import evaluate, fit
 from flaxgpt.io.checkpoint import latest_checkpoint, load_model_from_checkpoint, restore_checkpoint, save_checkpoint
 
+# Chapter 6: classification fine-tuning.
+from flaxgpt.data.sms_spam import load_sms_spam
+from flaxgpt.data.classification import ClassificationDataset, classification_loaders
+from flaxgpt.finetune.classify import ClassificationTask, classify, to_classifier
+
 # GPT-2 weights.
 from flaxgpt.io.hf import params_from_hf, params_to_hf
 from flaxgpt.io.book import params_from_book, params_to_book
@@ -102,6 +107,13 @@ __all__ = [
     "restore_checkpoint",
     "latest_checkpoint",
     "load_model_from_checkpoint",
+    # ch. 6
+    "load_sms_spam",
+    "ClassificationDataset",
+    "classification_loaders",
+    "to_classifier",
+    "ClassificationTask",
+    "classify",
     # weights
     "params_from_hf",
     "params_to_hf",

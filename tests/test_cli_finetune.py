@@ -124,3 +124,26 @@ def test_bad_data_and_resume_errors(base_run: Path, tmp_path: Path, capsys) -> N
     assert rc == 2 and "no checkpoint" in err
     rc, _, err = _run(capsys, "classify", "--checkpoint", str(base_run), "hello")
     assert rc == 2 and "not a classifier run" in err
+
+
+def test_from_a_hugging_face_folder_tied_gpt2(gpt2_bpe_dir, data_csv: Path, tmp_path: Path, capsys) -> None:
+    """--pretrained DIR: a tied GPT-2 (qkv bias) saved as Hugging Face files, GPT-2's tokenizer."""
+    import jax
+
+    from flaxgpt.config import GPTConfig
+    from flaxgpt.io.checkpoint import load_model_from_checkpoint
+    from flaxgpt.io.pretrained import save_pretrained
+    from flaxgpt.nn.params import init_params
+
+    cfg = GPTConfig(context_length=32, emb_dim=16, n_heads=2, n_layers=2, qkv_bias=True, tie_embeddings=True,
+                    init="gpt2")
+    save_pretrained(cfg, init_params(cfg, jax.random.key(0)), tmp_path / "hf")
+    out = tmp_path / "cls"
+    rc, text, err = _run(capsys, "finetune", "classify", "--pretrained", str(tmp_path / "hf"), "--data",
+                         str(data_csv), "--out", str(out), "--batch-size", "4", "--max-steps", "3",
+                         "--eval-freq", "2", "--eval-iter", "1", "--trainable", "head")
+    assert rc == 0, err
+    ccfg, params, _ = load_model_from_checkpoint(out)
+    assert ccfg.num_classes == 2 and not ccfg.tie_embeddings and ccfg.qkv_bias
+    assert params["out_head"]["kernel"].shape == (16, 2)
+    assert "classifier: 34 trainable" in text  # --trainable head: a 16 x 2 kernel and 2 biases

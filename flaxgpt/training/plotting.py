@@ -53,7 +53,7 @@ def plot_losses(
     ax1.plot(epochs_seen, val_losses, linestyle="-.", label=f"Validation {label}")
     ax1.set_xlabel("Epochs")
     ax1.set_ylabel(label.capitalize())
-    ax1.legend(loc="upper right")
+    ax1.legend(loc="upper right" if label == "loss" else "lower right")  # loss falls, accuracy rises
     ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax2 = ax1.twiny()  # same y, tokens on the top axis
     ax2.plot(tokens_seen, train_losses, alpha=0)
