@@ -6,7 +6,7 @@ float32, deterministic (no dropout), random weights and tokens; the output is th
 float32 logits in both. Each contender runs in its own process: the first call (timed separately; for
 flaxgpt it includes tracing and compilation, whose seconds are also read from ``jax.monitoring``), then
 ``--warmup`` untimed calls and the median of ``--repeats`` calls. tokens/s = B * T / median seconds.
-flaxgpt is called through its public :func:`flaxgpt.model.forward` (host-side id validation included);
+flaxgpt is called through its public :func:`flaxgpt.nn.model.forward` (host-side id validation included);
 PyTorch runs under ``torch.inference_mode()``, once with ``torch.set_num_threads(all usable cores)`` and
 once with 1 thread (``--torch-threads``); ratios are against the faster of the two.
 
@@ -53,7 +53,7 @@ def _ids() -> np.ndarray:
 
 
 def run_flaxgpt(repeats: int, warmup: int, scan: bool) -> dict[str, Any]:
-    """Times :func:`flaxgpt.model.forward` in this process."""
+    """Times :func:`flaxgpt.nn.model.forward` in this process."""
     import jax
 
     from flaxgpt.nn.model import GPTModel, forward

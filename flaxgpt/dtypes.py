@@ -7,7 +7,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["COMPUTE_DTYPES", "WEIGHT_DTYPES", "SAFETENSORS_CODES", "STORED_AS", "dtype_name"]
+__all__ = ["COMPUTE_DTYPES", "WEIGHT_DTYPES", "SAFETENSORS_CODES", "STORED_AS", "dtype_name", "name_of_code"]
 
 # Compute / parameter dtypes a GPTConfig may name.
 COMPUTE_DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -42,3 +42,15 @@ def dtype_name(dtype: Any, allowed: tuple[str, ...] = WEIGHT_DTYPES, default: st
     if name not in allowed:
         raise ValueError(f"dtype must be one of {allowed}, got {dtype!r}")
     return name
+
+
+def name_of_code(code: str) -> str:
+    """The dtype name of a safetensors dtype code ("BF16" -> "bfloat16"), the inverse of ``SAFETENSORS_CODES``.
+
+    Raises:
+      ValueError: a code flaxgpt does not read weights in (e.g. "I64").
+    """
+    names = {c: n for n, c in SAFETENSORS_CODES.items()}
+    if code.upper() not in names:
+        raise ValueError(f"tensors of safetensors dtype {code!r} are not weights flaxgpt reads; expected {sorted(names)}")
+    return names[code.upper()]

@@ -306,7 +306,7 @@ def shard_train_state(state: Any, mesh: Mesh) -> Any:
     """Places a train state (params, optimizer moments, step) on the mesh.
 
     Args:
-      state: the train state, e.g. from ``flaxgpt.train.create_train_state``.
+      state: the train state, e.g. from ``flaxgpt.training.state.create_train_state``.
       mesh: the mesh.
 
     Returns:

@@ -265,7 +265,7 @@ def test_failed_checkpoint_write_is_one_line_exit_2(tmp_path, text_file, capsys,
 
 def test_read_only_run_folder_is_one_line_exit_2(tmp_path, text_file, capsys, monkeypatch):
     """A read-only --out: by chmod where that binds (not as root), else simulated at the first write."""
-    import flaxgpt.io.files as files_module
+    import flaxgpt.files as files_module
 
     run = tmp_path / "run"
     run.mkdir()
@@ -283,3 +283,24 @@ def test_read_only_run_folder_is_one_line_exit_2(tmp_path, text_file, capsys, mo
     lines = err.strip().splitlines()
     assert lines == [f"flaxgpt train: error: cannot write the run folder {run}: Permission denied"], err
     assert list(run.iterdir()) == []
+
+
+def test_resume_of_an_all_corrupt_run_is_one_line(tmp_path, text_file, capsys):
+    """Every checkpoint corrupt: `train --resume` says so in one line naming the run (reasons behind -v)."""
+    out_dir = tmp_path / "run"
+    argv = ["--text", str(text_file), "--tokenizer", "bytes", "--emb-dim", "16", "--n-layers", "1", "--n-heads",
+            "2", "--context-length", "16", "--batch-size", "2", "--max-steps", "2", "--checkpoint-every", "1",
+            "--out", str(out_dir)]
+    assert _run_cli(argv, capsys)[0] == 0
+    ckpts = sorted((out_dir / "checkpoints").glob("step_*"))
+    assert len(ckpts) == 2
+    for ckpt in ckpts:  # flip one byte of each tensor file
+        f = ckpt / "state.safetensors"
+        data = bytearray(f.read_bytes())
+        data[-1] ^= 0xFF
+        f.write_bytes(bytes(data))
+    rc, _, err = _run_cli(["--out", str(out_dir), "--resume", "--max-steps", "4"], capsys)
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and str(out_dir) in lines[0] and "verifies" in lines[0] and "--verbose" in lines[0]
+    assert "sha" not in lines[0].lower()

@@ -1,4 +1,4 @@
-"""flaxgpt.io.files: atomic writes (old file kept on error, no temporary left), JSON, SHA-256, renames."""
+"""flaxgpt.files: atomic writes (old file kept on error, no temporary left), JSON, SHA-256, renames."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from flaxgpt.io.files import atomic_file, read_json, rename_durably, sha256_file, write_json
+from flaxgpt.files import atomic_file, read_json, rename_durably, sha256_file, write_json
 
 
 def test_atomic_file_replaces_on_success(tmp_path):

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-import flaxgpt.io.files as files_module
+import flaxgpt.files as files_module
 from flaxgpt.training.metrics import append_metrics, read_metrics, truncate_metrics
 
 

@@ -7,6 +7,8 @@ import argparse
 
 from flaxgpt.cli import CLIError
 
+__all__ = ["add_parser", "run"]
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("classify", help="classify texts with a fine-tuned classifier (book chapter 6)",

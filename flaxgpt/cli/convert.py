@@ -6,6 +6,8 @@ import argparse
 
 from flaxgpt.dtypes import WEIGHT_DTYPES
 
+__all__ = ["add_parser", "run"]
+
 _EPILOG = """\
 SRC (detected):
   a Hugging Face GPT-2 folder   config.json + model.safetensors (or a sharded checkpoint with its index)

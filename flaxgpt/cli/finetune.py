@@ -18,6 +18,8 @@ from typing import Any
 
 from flaxgpt.cli import CLIError
 
+__all__ = ["add_parser", "run"]
+
 DEFAULTS: dict[str, Any] = {
     "data": "sms-spam",
     "num_classes": 2,
@@ -155,10 +157,10 @@ def _final_accuracies(state: Any, loaders: dict[str, Any], task: Any) -> dict[st
 
 def run(args: argparse.Namespace) -> int:
     from flaxgpt.cli.train import _write_errors
+    from flaxgpt.files import write_json
     from flaxgpt.finetune.classify import ClassificationTask
     from flaxgpt.finetune.trainable import count_by_label
     from flaxgpt.io.checkpoint import latest_checkpoint
-    from flaxgpt.io.files import write_json
     from flaxgpt.text.tokenizers import get_tokenizer
     from flaxgpt.training.loop import NonFiniteLossError, fit
     from flaxgpt.training.progress import ProgressBar

@@ -7,6 +7,8 @@ import logging
 
 from flaxgpt.dtypes import WEIGHT_DTYPES
 
+__all__ = ["add_parser", "run"]
+
 logger = logging.getLogger(__name__)
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 
+__all__ = ["add_parser", "run"]
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(

@@ -21,6 +21,8 @@ from typing import Any
 
 from flaxgpt.cli import CLIError
 
+__all__ = ["add_parser", "run"]
+
 # Defaults of every training option. Options default to None on the command line so that, with
 # --resume, values not given again come from the run's saved config.json.
 DEFAULTS: dict[str, Any] = dict(
@@ -354,7 +356,7 @@ def _setup(args: argparse.Namespace) -> tuple[dict[str, Any], Path, Path | None,
 
 
 def run(args: argparse.Namespace) -> int:
-    from flaxgpt.io.files import write_json
+    from flaxgpt.files import write_json
     from flaxgpt.nn.params import count_params
     from flaxgpt.training.loop import NonFiniteLossError, fit
     from flaxgpt.training.progress import ProgressBar

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flaxgpt.io.files import atomic_file, sha256_file
+from flaxgpt.files import atomic_file, sha256_file
 from flaxgpt.text.corpora import DATA_DIR_ENV, cache_dir, download_file
 from flaxgpt.validation import check_number
 

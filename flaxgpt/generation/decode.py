@@ -1,7 +1,7 @@
 """Book chapter 5.3, compiled: text generation as one XLA program per shape bucket.
 
 :func:`generate` left-pads the prompts to a bucket length, prefills them in one forward pass into a
-preallocated :class:`flaxgpt.kv_cache.KVCache`, then decodes one token per step inside a single jitted
+preallocated :class:`flaxgpt.nn.kv_cache.KVCache`, then decodes one token per step inside a single jitted
 ``lax.while_loop`` (no Python loop over tokens, no growing arrays).
 
 What compiles: one program per (model config, parameter shapes/dtypes, batch size, prompt bucket,

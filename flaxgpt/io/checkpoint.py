@@ -37,6 +37,7 @@ from safetensors.numpy import save_file
 
 from flaxgpt.config import GPTConfig
 from flaxgpt.dtypes import STORED_AS, dtype_name
+from flaxgpt.files import sha256_file, write_json
 from flaxgpt.io.checkpoint_dir import (
     CHECKPOINTS,
     FORMAT,
@@ -52,9 +53,9 @@ from flaxgpt.io.checkpoint_dir import (
     read_meta,
     resolve_checkpoint,
 )
-from flaxgpt.io.files import sha256_file, write_json
 from flaxgpt.io.safetensors_io import check_finite
 from flaxgpt.pytree import flatten_with_names, unflatten_dict
+from flaxgpt.validation import check_int
 
 __all__ = [
     "CheckpointError",
@@ -156,10 +157,7 @@ def save_checkpoint(
     Returns:
       The checkpoint folder.
     """
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-        raise ValueError(f"keep must be an int >= 1, got {keep!r}")
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    keep, step = check_int("keep", keep, 1), check_int("step", step, 0)
     ckpt_dir = checkpoints_dir(run_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step_{int(step):08d}"

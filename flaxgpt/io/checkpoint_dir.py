@@ -22,7 +22,7 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 
 from flaxgpt.config import GPTConfig
-from flaxgpt.io.files import read_json, rename_durably, sha256_file
+from flaxgpt.files import read_json, rename_durably, sha256_file
 
 __all__ = [
     "CheckpointError",

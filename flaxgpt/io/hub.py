@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from flaxgpt.io.files import read_json
+from flaxgpt.files import read_json
 
 __all__ = [
     "CONFIG_FILE",

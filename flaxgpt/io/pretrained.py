@@ -22,11 +22,11 @@ from typing import Any
 import jax.numpy as jnp
 
 from flaxgpt.config import GPTConfig
-from flaxgpt.dtypes import dtype_name
+from flaxgpt.dtypes import COMPUTE_DTYPES, dtype_name, name_of_code
+from flaxgpt.files import read_json, write_json
 from flaxgpt.io import hub
 from flaxgpt.io.book import book_config, book_tensors, params_from_book
 from flaxgpt.io.checkpoint import CHECKPOINTS, META_FILE, load_model_from_checkpoint, resolve_checkpoint
-from flaxgpt.io.files import read_json, write_json
 from flaxgpt.io.hf import config_from_hf, config_to_hf, hf_tensors, params_from_hf
 from flaxgpt.io.hub import CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, local_or_download
 from flaxgpt.io.mapping import Params
@@ -292,16 +292,18 @@ def describe(source: PathLike, *, n_heads: int | None = None) -> tuple[GPTConfig
         with SafetensorsReader([path]) as st:
             dt = st.dtypes["tok_emb.weight"]
             cfg = book_config(st.shapes, n_heads)
-        return cfg.replace(param_dtype=_stored(dt)), fmt, str(path)
+        return cfg.replace(param_dtype=_config_dtype(dt)), fmt, str(path)
     path = local_or_download(source)
     config, files, weight_map = _hf_files(path)
     cfg = config_from_hf(read_json(config))
     with SafetensorsReader(files, weight_map) as st:
         names = [n for n in ("transformer.wte.weight", "wte.weight") if n in st.dtypes]
         dt = st.dtypes[names[0]] if names else "F32"
-    return cfg.replace(param_dtype=_stored(dt)), fmt, str(path)
+    return cfg.replace(param_dtype=_config_dtype(dt)), fmt, str(path)
 
 
-def _stored(code: str) -> str:
-    """The dtype name of a safetensors dtype code ("BF16" -> "bfloat16")."""
-    return {"BF16": "bfloat16", "F16": "float16"}.get(code.upper(), "float32")
+def _config_dtype(code: str) -> str:
+    """The config dtype describing stored tensors: their own when a config can hold it, else float32 (what
+    the loaders give for float64 files)."""
+    name = name_of_code(code)
+    return name if name in COMPUTE_DTYPES else "float32"

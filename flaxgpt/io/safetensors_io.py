@@ -20,7 +20,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from flaxgpt.dtypes import SAFETENSORS_CODES
-from flaxgpt.io.files import atomic_file
+from flaxgpt.files import atomic_file
 
 __all__ = [
     "PICKLE_SUFFIXES",

@@ -33,7 +33,7 @@ class MultiHeadAttention(nn.Module):
     """Causal multi-head attention with split heads: one projection each for Q, K and V (section 3.6.2).
 
     Without a cache it is the book's module. With a cache (generation), ``kv`` holds this layer's key
-    slots (B, H, D, S) and value slots (B, H, S, D) (the layout of :class:`flaxgpt.kv_cache.KVCache`:
+    slots (B, H, D, S) and value slots (B, H, S, D) (the layout of :class:`flaxgpt.nn.kv_cache.KVCache`:
     keys transposed so the decode matmuls read both caches without a transpose); the new keys/values are
     written at slot ``index`` in place and queries attend to every written slot at or before their own,
     from slot ``offset[b]`` on (slots before it are the left padding of a shorter prompt in a ragged

@@ -74,7 +74,7 @@ class TransformerBlock(nn.Module):
     """Pre-LN block: x + drop(att(norm1(x))), then x + drop(ff(norm2(x))).
 
     With a KV cache the block also returns the updated cache of its layer; see
-    :class:`flaxgpt.attention.MultiHeadAttention` for the cache arguments.
+    :class:`flaxgpt.nn.attention.MultiHeadAttention` for the cache arguments.
     """
 
     cfg: GPTConfig

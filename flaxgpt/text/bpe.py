@@ -13,7 +13,7 @@ from pathlib import Path
 
 import tiktoken
 
-from flaxgpt.io.files import sha256_file
+from flaxgpt.files import sha256_file
 
 ENDOFTEXT = "<|endoftext|>"
 

@@ -9,7 +9,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from flaxgpt.io.files import atomic_file
+from flaxgpt.files import atomic_file
 
 __all__ = ["VERDICT_URL", "DATA_DIR_ENV", "CACHE_DIR_ENV", "cache_dir", "download_file", "load_text"]
 
@@ -42,7 +42,7 @@ def cache_dir() -> Path:
 
 
 def download_file(url: str, dest: str | os.PathLike[str], timeout: float = 30.0) -> Path:
-    """Downloads `url` to `dest` atomically (see :func:`flaxgpt.io.files.atomic_file`).
+    """Downloads `url` to `dest` atomically (see :func:`flaxgpt.files.atomic_file`).
 
     Args:
       url: any URL urllib opens (https://, file://, ...).

@@ -66,7 +66,7 @@ def evaluate_metrics(
 
     Args:
       state: the train state.
-      loader: anything with ``len()`` and ``batches(epoch)`` (e.g. :class:`flaxgpt.data.DataLoader`).
+      loader: anything with ``len()`` and ``batches(epoch)`` (e.g. :class:`flaxgpt.data.windows.DataLoader`).
       task: the task whose ``batch_metrics`` and ``eval_metrics`` are used.
       num_batches: how many batches (all when None or larger than the loader); positive.
       place: puts a host batch on devices (default ``jnp.asarray``), see :func:`placer`.
@@ -97,7 +97,7 @@ def evaluate(
 
     Args:
       state: the train state.
-      loader: a :class:`flaxgpt.data.DataLoader` (anything with ``len()`` and ``batches(epoch)``).
+      loader: a :class:`flaxgpt.data.windows.DataLoader` (anything with ``len()`` and ``batches(epoch)``).
       num_batches: how many batches (all when None or larger than the loader).
       shard_batch: places a numpy batch on devices, ``shard_batch(inputs, targets)`` (default: ``jnp.asarray``).
 

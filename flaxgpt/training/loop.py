@@ -275,7 +275,7 @@ def fit(
     Args:
       state: from :func:`create_train_state` or :func:`flaxgpt.io.checkpoint.restore_checkpoint`.
       train_loader: yields the task's batches: ``len()`` and ``batches(epoch, start)`` (e.g. a shuffling
-        :class:`flaxgpt.data.DataLoader`), its order a function of ``(seed, epoch)``.
+        :class:`flaxgpt.data.windows.DataLoader`), its order a function of ``(seed, epoch)``.
       val_loader: the validation loader (``len()`` and ``batches(0)``).
       key, num_epochs: the run's PRNG key (dropout keys are ``fold_in(key, step)``); epochs in total.
       eval_freq, eval_iter: updates between evaluations, and batches per evaluation.

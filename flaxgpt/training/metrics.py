@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flaxgpt.io.files import atomic_file
+from flaxgpt.files import atomic_file
 
 __all__ = ["METRICS_FILE", "append_metrics", "read_metrics", "truncate_metrics"]
 

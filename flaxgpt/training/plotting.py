@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from flaxgpt.io.files import atomic_file
+from flaxgpt.files import atomic_file
 
 __all__ = ["plot_losses", "plot_metrics"]
 

@@ -43,7 +43,7 @@ def create_train_state(model: GPTModel, params: Any, tx: optax.GradientTransform
     Args:
       model: the model; its ``apply`` becomes ``state.apply_fn``.
       params: the model's parameters.
-      tx: the optimizer, e.g. :func:`flaxgpt.optim.make_optimizer`.
+      tx: the optimizer, e.g. :func:`flaxgpt.training.optim.make_optimizer`.
 
     Returns:
       The state.
