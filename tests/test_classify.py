@@ -56,22 +56,6 @@ def test_to_classifier_head_shapes_and_init(tiny_config, tie: bool, scan: bool) 
         to_classifier(cfg, params, 1, jax.random.key(1))
 
 
-def test_trainable_labels_and_counts(classifier) -> None:
-    cfg, params = classifier
-    labels = label_params(params, trainable_patterns("last_block", cfg.n_layers))
-    flat = {"/".join(str(k.key) for k in p): v for p, v in jax.tree_util.tree_flatten_with_path(labels)[0]}
-    assert flat["trf_blocks_1/att/W_query/kernel"] == TRAINABLE
-    assert flat["trf_blocks_0/att/W_query/kernel"] == FROZEN
-    assert flat["final_norm/scale"] == TRAINABLE and flat["out_head/bias"] == TRAINABLE
-    assert flat["tok_emb/embedding"] == FROZEN
-    with pytest.raises(ValueError, match="unrolled"):
-        trainable_patterns("last_block", cfg.n_layers, scan_layers=True)
-    with pytest.raises(ValueError, match="match no parameter"):
-        label_params(params, ["nope/"])
-    with pytest.raises(ValueError, match="trainable must be one of"):
-        trainable_patterns("everything", 2)
-
-
 def _loader(cfg, n: int, seed: int, shuffle: bool, batch: int = 4) -> DataLoader:
     ds = ClassificationDataset(_texts(n, seed), ByteTokenizer(), max_length=12, pad_token_id=PAD, num_classes=2)
     return DataLoader(ds, batch, shuffle=shuffle, drop_last=shuffle, seed=seed)
