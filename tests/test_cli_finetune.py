@@ -147,3 +147,81 @@ def test_from_a_hugging_face_folder_tied_gpt2(gpt2_bpe_dir, data_csv: Path, tmp_
     assert ccfg.num_classes == 2 and not ccfg.tie_embeddings and ccfg.qkv_bias
     assert params["out_head"]["kernel"].shape == (16, 2)
     assert "classifier: 34 trainable" in text  # --trainable head: a 16 x 2 kernel and 2 biases
+
+
+# --------------------------------------------------------------------------- finetune instruct
+
+
+@pytest.fixture(scope="module")
+def instruct_json(tmp_path_factory) -> Path:
+    """24 instruction records (20 / 2 / 2 after the book's 85/10/5 split), every third without input."""
+    rng = np.random.default_rng(1)
+    words = "red green blue cat dog sun moon tree".split()
+    recs = [{"instruction": " ".join(rng.choice(words, 2)), "input": "" if i % 3 else str(rng.choice(words)),
+             "output": " ".join(rng.choice(words, 3))} for i in range(24)]
+    path = tmp_path_factory.mktemp("sft") / "d.json"
+    path.write_text(json.dumps(recs), encoding="utf-8")
+    return path
+
+
+def _instruct(base: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["finetune", "instruct", "--checkpoint", str(base), "--data", str(data), "--out", str(out),
+            "--batch-size", "4", "--eval-freq", "2", "--eval-iter", "1", "--lr", "1e-3", "--epochs", "2",
+            "--sample-tokens", "0", *extra]
+
+
+def test_instruct_outputs_and_checkpoint_extra(base_run: Path, instruct_json: Path, tmp_path: Path, capsys) -> None:
+    from flaxgpt.io.checkpoint import resolve_checkpoint
+
+    out = tmp_path / "sft"
+    rc, text, err = _run(capsys, *_instruct(base_run, instruct_json, out, "--max-steps", "6", "--sample-tokens", "4"))
+    assert rc == 0, err
+    assert "20 / 2 / 2 train / validation / test records in 5 / 1 / 1 batches" in text and "initial: train loss" in text
+    for name in ("metrics.jsonl", "loss.png", "results.json", "config.json"):
+        assert (out / name).is_file(), name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 3, 5, 6] and {"train_loss", "val_loss"} <= set(records[-1])
+    # tokens seen: trained target tokens; every text is longer than the base's 32-token context, so each
+    # row of a batch is cut to 32 real targets
+    assert records[-1]["tokens_seen"] == 6 * 4 * 32
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["loss"]) == {"train", "validation", "test"} and results["initial_loss"]["train"] > 0
+    assert results["loss"]["train"] < results["initial_loss"]["train"]
+    meta = resolve_checkpoint(out)[1]
+    assert meta["extra"]["instruct"] == {"mask_instruction": False, "pad_token_id": 256, "data": str(instruct_json)}
+    assert meta["tokenizer"] == "bytes"
+
+
+def test_instruct_resume_continues_exactly(base_run: Path, instruct_json: Path, tmp_path: Path, capsys) -> None:
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert _run(capsys, *_instruct(base_run, instruct_json, whole, "--max-steps", "7"))[0] == 0  # epochs of 5
+    assert _run(capsys, *_instruct(base_run, instruct_json, split, "--max-steps", "4", "--checkpoint-every", "2"))[0] == 0
+    rc, _, err = _run(capsys, *_instruct(base_run, instruct_json, split, "--resume", "--batch-size", "2"))
+    assert rc == 2 and "--batch-size 2 differs from the run's 4" in err
+    rc, text, _ = _run(capsys, *_instruct(base_run, instruct_json, split, "--max-steps", "7", "--resume"))
+    assert rc == 0 and "resuming" in text
+
+    def losses(run: Path) -> list[tuple[int, float, float]]:
+        recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["train_loss"], r["val_loss"], r["tokens_seen"]) for r in recs]
+
+    assert [r for r in losses(split) if r[0] != 4] == losses(whole)
+    assert losses(whole)[-1][0] == 7 and 4 in [r[0] for r in losses(split)]
+
+
+def test_instruct_errors_are_one_line(base_run: Path, instruct_json: Path, tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"instruction": "a", "input": "", "output": "b"}] * 3 + [{"instruction": "c"}]),
+                   encoding="utf-8")
+    rc, _, err = _run(capsys, *_instruct(base_run, bad, tmp_path / "x"))
+    assert rc == 2 and "record 3 has no 'output' field" in err and len(err.strip().splitlines()) == 1
+    few = tmp_path / "few.json"
+    few.write_text(json.dumps([{"instruction": "a", "output": "b"}] * 3), encoding="utf-8")
+    rc, _, err = _run(capsys, *_instruct(base_run, few, tmp_path / "x"))
+    assert rc == 2 and "needs at least --batch-size 4" in err
+    rc, _, err = _run(capsys, *_instruct(base_run, instruct_json, tmp_path / "x", "--max-length", "64"))
+    assert rc == 2 and "exceeds the model's context length 32" in err
+    rc, _, err = _run(capsys, *_instruct(base_run, instruct_json, tmp_path / "x", "--mask-instruction"))
+    assert rc == 2 and "every training target is masked" in err  # 32 tokens hold no response
+    rc, _, err = _run(capsys, *_instruct(base_run, tmp_path / "none.json", tmp_path / "x"))
+    assert rc == 2 and "no such instruction data file" in err

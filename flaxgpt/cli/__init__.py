@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 # Subcommand modules, in the order ``--help`` lists them.
-_COMMANDS = ("info", "train", "generate", "convert", "finetune", "classify")
+_COMMANDS = ("info", "train", "generate", "convert", "finetune", "classify", "respond", "score", "chat")
 
 
 class CLIError(Exception):

@@ -1,11 +1,20 @@
-"""``flaxgpt finetune classify``: book chapter 6, a pretrained GPT fine-tuned as a text classifier.
+"""``flaxgpt finetune classify|instruct``: book chapters 6 and 7, a pretrained GPT fine-tuned as a text
+classifier or on instruction/response pairs.
 
-Starts from GPT-2 weights (``--pretrained gpt2`` or a local folder), a ``flaxgpt train`` run
-(``--checkpoint RUN``) or, for experiments, a fresh model (``--from-scratch``); swaps the head for a
-``num_classes`` linear layer; trains the chosen parameters (``--trainable``) through the same training loop as
-``flaxgpt train`` (checkpoints, exact ``--resume``, SIGINT/SIGTERM, NaN stop). Writes ``OUT/metrics.jsonl``
-(loss and accuracy per evaluation), ``OUT/loss.png`` and ``OUT/accuracy.png`` (the book's figures 6.16 and
-6.17), ``OUT/checkpoints/`` and ``OUT/results.json`` (final train / validation / test accuracy).
+Both start from GPT-2 weights (``--pretrained gpt2-medium`` or a local folder), a ``flaxgpt train`` run
+(``--checkpoint RUN``) or, for experiments, a fresh model (``--from-scratch``), and train the chosen parameters
+(``--trainable``) through the same training loop as ``flaxgpt train`` (checkpoints, exact ``--resume``,
+SIGINT/SIGTERM, NaN stop). Each writes ``OUT/metrics.jsonl``, ``OUT/loss.png``, ``OUT/checkpoints/``,
+``OUT/config.json`` and ``OUT/results.json``.
+
+classify: swaps the head for a ``num_classes`` linear layer; also writes ``OUT/accuracy.png`` (the book's
+figures 6.16 and 6.17); results are the final train / validation / test accuracy.
+
+instruct: the book's instruction-data.json (or ``--data FILE``, a JSON list or JSONL of
+instruction/input/output records) split 85/10/5, batched as the book's ``custom_collate_fn`` with widths padded
+up to multiples of ``--bucket`` (one compiled program per bucket, not per width), the masked cross-entropy
+(``--mask-instruction``: the prompt's tokens are not trained on, the book's exercise 7.2), the book's greedy
+sample of the first validation prompt after each epoch; results are the initial and final losses.
 """
 
 from __future__ import annotations
@@ -20,67 +29,109 @@ from flaxgpt.cli import CLIError
 
 __all__ = ["add_parser", "run"]
 
-DEFAULTS: dict[str, Any] = {
-    "data": "sms-spam",
-    "num_classes": 2,
-    "trainable": "last_block",
-    "pool": "last",
-    "epochs": 5,
-    "max_steps": 0,
-    "batch_size": 8,
-    "lr": 5e-5,
-    "weight_decay": 0.1,
-    "eval_freq": 50,
-    "eval_iter": 5,
-    "checkpoint_every": 200,
-    "keep_checkpoints": 3,
-    "drop_rate": 0.0,
-    "seed": 123,
+_COMMON: dict[str, Any] = {"max_steps": 0, "batch_size": 8, "lr": 5e-5, "weight_decay": 0.1, "eval_iter": 5,
+                           "keep_checkpoints": 3, "drop_rate": 0.0, "seed": 123}
+DEFAULTS: dict[str, Any] = {  # classify (book chapter 6)
+    "data": "sms-spam", "num_classes": 2, "trainable": "last_block", "pool": "last", "epochs": 5,
+    "eval_freq": 50, "checkpoint_every": 200, **_COMMON,
+}
+INSTRUCT_DEFAULTS: dict[str, Any] = {  # instruct (book chapter 7)
+    "data": "book", "trainable": "all", "epochs": 2, "eval_freq": 5, "checkpoint_every": 100, "bucket": 16,
+    "max_length": 0, "sample_tokens": 50, **_COMMON,
 }
 SMS_LABELS = ("not spam", "spam")  # the book's classify_review answers
+_NUMBERS = (("epochs", int), ("max-steps", int), ("batch-size", int), ("lr", float), ("weight-decay", float),
+            ("eval-freq", int), ("eval-iter", int), ("checkpoint-every", int), ("keep-checkpoints", int),
+            ("drop-rate", float), ("seed", int))
+_DATA_OPTIONS = ("data", "num_classes", "batch_size", "seed", "bucket", "max_length", "mask_instruction")
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("finetune", help="fine-tune a GPT (book chapter 6: classification)",
-                       description="Fine-tune a pretrained GPT through flaxgpt's one training loop.")
-    tasks = p.add_subparsers(dest="task", metavar="TASK", required=True)
-    c = tasks.add_parser("classify", help="a text classifier (book chapter 6)", description=__doc__,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = DEFAULTS
+# --------------------------------------------------------------------------- parsers
+
+
+def _add_common(c: argparse.ArgumentParser, d: dict[str, Any], out: str) -> None:
+    """The options both tasks share: the base model, output, resume, trainable set and training numbers."""
     base = c.add_mutually_exclusive_group(required=True)
     base.add_argument("--pretrained", metavar="NAME|DIR", help="GPT-2 weights: gpt2, gpt2-medium, ... or a folder")
     base.add_argument("--checkpoint", metavar="RUN", help="a flaxgpt train run (or one of its checkpoints)")
     base.add_argument("--from-scratch", action="store_true",
                       help="a fresh model of flaxgpt train's default size (no pretraining: a baseline)")
+    c.add_argument("--trainable", help="'last_block' (last block, final norm, head), 'head', 'all', or "
+                   f"comma-separated path patterns such as 'trf_blocks_11/,out_head/' (default {d['trainable']})")
+    c.add_argument("--out", metavar="DIR", help=f"run directory (default {out})")
+    c.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    for flag, kind in _NUMBERS:
+        c.add_argument(f"--{flag}", type=kind, help=f"default {d[flag.replace('-', '_')]}")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a GPT (book chapters 6 and 7: classification, instructions)",
+                       description="Fine-tune a pretrained GPT through flaxgpt's one training loop.")
+    tasks = p.add_subparsers(dest="task", metavar="TASK", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
+    c = tasks.add_parser("classify", help="a text classifier (book chapter 6)", description=__doc__,
+                         formatter_class=fmt)
+    d = DEFAULTS
     c.add_argument("--data", metavar="sms-spam|FILE",
                    help="'sms-spam' (the book's data, split 70/10/20 as the book) or a CSV/TSV with text and "
                    f"label columns, split the same way (default {d['data']})")
     c.add_argument("--num-classes", type=int, help=f"classes of a --data file (default {d['num_classes']})")
-    c.add_argument("--trainable", help="'last_block' (the book: last block, final norm, head), 'head', 'all', or "
-                   f"comma-separated path patterns such as 'trf_blocks_11/,out_head/' (default {d['trainable']})")
     c.add_argument("--pool", choices=("last", "last_nonpad"),
                    help="classify from the last position (the book) or each text's last real token")
-    c.add_argument("--out", metavar="DIR", help="run directory (default runs/classify)")
-    c.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
-    for flag, kind in (("epochs", int), ("max-steps", int), ("batch-size", int), ("lr", float),
-                       ("weight-decay", float), ("eval-freq", int), ("eval-iter", int), ("checkpoint-every", int),
-                       ("keep-checkpoints", int), ("drop-rate", float), ("seed", int)):
-        c.add_argument(f"--{flag}", type=kind, help=f"default {d[flag.replace('-', '_')]}")
+    _add_common(c, d, "runs/classify")
     c.set_defaults(func=run)
+    i = tasks.add_parser("instruct", help="instruction following (book chapter 7)", description=__doc__,
+                         formatter_class=fmt)
+    d = INSTRUCT_DEFAULTS
+    i.add_argument("--data", metavar="book|FILE",
+                   help="'book' (instruction-data.json, 1,100 records) or a JSON list / JSONL file of instruction, "
+                   "input and output records; split 85/10/5 train/test/validation as the book (default book)")
+    i.add_argument("--mask-instruction", action="store_true",
+                   help="ignore the prompt's target tokens too (the book's exercise 7.2)")
+    i.add_argument("--bucket", type=int, help="pad batch widths up to multiples of this, 0 = the book's exact "
+                   f"widths (one compile per width) (default {d['bucket']})")
+    i.add_argument("--max-length", type=int,
+                   help="cut batches to this many tokens (the book's allowed_max_length), 0 = the context length")
+    i.add_argument("--sample-tokens", type=int,
+                   help=f"tokens of the greedy per-epoch sample, 0 = none (default {d['sample_tokens']})")
+    _add_common(i, d, "runs/instruct")
+    i.set_defaults(func=run)
 
 
-def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    s = {k: (getattr(args, k) if getattr(args, k, None) is not None else v) for k, v in DEFAULTS.items()}
+# --------------------------------------------------------------------------- shared pieces
+
+
+def _settings(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, Any]:
+    s = {k: (getattr(args, k) if getattr(args, k, None) is not None else v) for k, v in defaults.items()}
     if "," in s["trainable"] or "/" in s["trainable"]:  # path patterns
         s["trainable"] = [p for p in s["trainable"].split(",") if p]
     for name in ("epochs", "batch_size", "eval_freq", "eval_iter", "keep_checkpoints"):
         if s[name] < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {s[name]}")
+    for name in ("max_steps", "checkpoint_every", "bucket", "max_length", "sample_tokens"):
+        if name in s and s[name] < 0:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= 0, got {s[name]}")
     return s
 
 
+def _resume_from(args: argparse.Namespace, out: Path, s: dict[str, Any]) -> Path | None:
+    """The checkpoint ``--resume`` continues from (None without it); the options that fix the data and its order
+    must be the saved run's."""
+    from flaxgpt.files import read_json
+    from flaxgpt.io.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(out) if args.resume else None
+    if args.resume and ckpt is None:
+        raise CLIError(f"--resume: no checkpoint in {out}")
+    saved = read_json(out / "config.json").get("finetune", {}) if ckpt and (out / "config.json").is_file() else {}
+    for key in _DATA_OPTIONS:
+        if key in saved and key in s and saved[key] != s[key]:
+            raise CLIError(f"--resume: --{key.replace('_', '-')} {s[key]} differs from the run's {saved[key]}")
+    return ckpt
+
+
 def _base_model(args: argparse.Namespace, drop_rate: float) -> tuple[Any, Any, str]:
-    """(config, params, tokenizer name) of the model to fine-tune."""
+    """(config, params, tokenizer name) of the language model to fine-tune."""
     import jax
 
     from flaxgpt.cli.train import DEFAULT_MODEL, _tokenizer
@@ -102,27 +153,8 @@ def _base_model(args: argparse.Namespace, drop_rate: float) -> tuple[Any, Any, s
     return cfg.replace(drop_rate=drop_rate), params, name
 
 
-def _data(s: dict[str, Any], tok: Any, context_length: int) -> dict[str, Any]:
-    from flaxgpt.data.classification import classification_loaders, read_labeled_file
-    from flaxgpt.data.sms_spam import load_sms_spam, random_split
-
-    if s["data"] == "sms-spam":
-        splits, num_classes = load_sms_spam(seed=s["seed"]), 2
-    else:  # the book's random_split of the file's rows (no balancing: the classes are the file's)
-        num_classes = s["num_classes"]
-        splits = random_split(read_labeled_file(s["data"], num_classes=num_classes), seed=s["seed"])
-        if not len(splits["train"]) or not len(splits["validation"]):
-            raise CLIError(f"{s['data']} has too few rows for a 70/10/20 split")
-    longest = max(len(tok.encode(t)) for t in splits["train"].texts)
-    loaders = classification_loaders(splits, tok, s["batch_size"], s["seed"], min(longest, context_length),
-                                     num_classes, pad_token_id=int(tok.eot_token))
-    return {"loaders": loaders, "num_classes": num_classes, "max_length": loaders["train"].dataset.max_length}
-
-
-def _state(s: dict[str, Any], cfg: Any, params: Any, tx_args: dict[str, Any], ckpt: Path | None) -> tuple:
-    import jax
-
-    from flaxgpt.finetune.classify import to_classifier
+def _train_state(s: dict[str, Any], cfg: Any, params: Any, key: Any, ckpt: Path | None) -> tuple:
+    """(config, labels, state, key, start): AdamW on the ``--trainable`` parameters, restored from ``ckpt``."""
     from flaxgpt.finetune.trainable import label_params, partition_optimizer, trainable_patterns
     from flaxgpt.io.checkpoint import restore_checkpoint
     from flaxgpt.nn.model import GPTModel
@@ -131,8 +163,6 @@ def _state(s: dict[str, Any], cfg: Any, params: Any, tx_args: dict[str, Any], ck
     from flaxgpt.training.run_dir import Position
     from flaxgpt.training.state import create_train_state
 
-    head_key, key = jax.random.split(jax.random.key(s["seed"]))
-    cfg, params = to_classifier(cfg, params, tx_args.pop("num_classes"), head_key)
     if cfg.scan_layers and s["trainable"] == "last_block":  # a label tree cannot split the layer axis
         cfg = cfg.replace(scan_layers=False)
         params = convert_layout(params, cfg)
@@ -149,57 +179,107 @@ def _state(s: dict[str, Any], cfg: Any, params: Any, tx_args: dict[str, Any], ck
     return cfg, labels, state, meta["key"], Position(meta["epoch"], meta["batch_index"], meta["tokens_seen"])
 
 
-def _final_accuracies(state: Any, loaders: dict[str, Any], task: Any) -> dict[str, float]:
-    from flaxgpt.training.evaluation import evaluate_metrics
+def _fit(s: dict[str, Any], state: Any, loaders: dict[str, Any], key: Any, start: Any, out: Path,
+         tok_name: str, task: Any, extra: dict[str, Any], **sample: Any) -> Any:
+    """fit with a progress bar and the run's settings; None after a non-finite loss (reported)."""
+    from flaxgpt.cli.train import _write_errors
+    from flaxgpt.training.loop import NonFiniteLossError, fit
+    from flaxgpt.training.progress import ProgressBar
 
-    return {name: evaluate_metrics(state, loader, task, None, None)["accuracy"] for name, loader in loaders.items()}
+    total = s["epochs"] * len(loaders["train"]) if not s["max_steps"] else s["max_steps"]
+    sample = sample or {"sample_tokens": 0}
+    try:
+        with ProgressBar(total, int(state.step), 1, start.tokens_seen if start else 0) as bar, _write_errors(out):
+            return fit(state, loaders["train"], loaders["validation"], key=key, num_epochs=s["epochs"],
+                       eval_freq=s["eval_freq"], eval_iter=s["eval_iter"], max_steps=s["max_steps"] or None,
+                       run_dir=out, checkpoint_every=s["checkpoint_every"], keep_checkpoints=s["keep_checkpoints"],
+                       start=start, tokenizer_name=tok_name, task=task, callback=bar, checkpoint_extra=extra,
+                       **sample)
+    except NonFiniteLossError as e:
+        print(f"flaxgpt finetune: error: {e}", file=sys.stderr)
+        return None
+
+
+def _write_config(out: Path, cfg: Any, s: dict[str, Any], tok_name: str, extra: dict[str, Any]) -> None:
+    from flaxgpt.cli.train import _write_errors
+    from flaxgpt.files import write_json
+
+    with _write_errors(out):
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", {"model": cfg.to_dict(), "finetune": s, "tokenizer": tok_name, **extra})
+
+
+def _exit_status(result: Any) -> int:
+    return 130 if result.stopped == "SIGINT" else 143 if result.stopped == "SIGTERM" else 0
 
 
 def run(args: argparse.Namespace) -> int:
+    """Runs ``flaxgpt finetune classify`` or ``flaxgpt finetune instruct``.
+
+    Args:
+      args: the parsed arguments.
+
+    Returns:
+      The exit status (0; 1 after a non-finite loss; 130/143 after SIGINT/SIGTERM).
+    """
+    return _run_instruct(args) if getattr(args, "task", "classify") == "instruct" else _run_classify(args)
+
+
+# --------------------------------------------------------------------------- classify
+
+
+def _classify_data(s: dict[str, Any], tok: Any, context_length: int) -> dict[str, Any]:
+    from flaxgpt.data.classification import classification_loaders, read_labeled_file
+    from flaxgpt.data.sms_spam import load_sms_spam, random_split
+
+    if s["data"] == "sms-spam":
+        splits, num_classes = load_sms_spam(seed=s["seed"]), 2
+    else:  # the book's random_split of the file's rows (no balancing: the classes are the file's)
+        num_classes = s["num_classes"]
+        splits = random_split(read_labeled_file(s["data"], num_classes=num_classes), seed=s["seed"])
+        if not len(splits["train"]) or not len(splits["validation"]):
+            raise CLIError(f"{s['data']} has too few rows for a 70/10/20 split")
+    longest = max(len(tok.encode(t)) for t in splits["train"].texts)
+    loaders = classification_loaders(splits, tok, s["batch_size"], s["seed"], min(longest, context_length),
+                                     num_classes, pad_token_id=int(tok.eot_token))
+    return {"loaders": loaders, "num_classes": num_classes, "max_length": loaders["train"].dataset.max_length}
+
+
+def _run_classify(args: argparse.Namespace) -> int:
+    import jax
+
     from flaxgpt.cli.train import _write_errors
     from flaxgpt.files import write_json
-    from flaxgpt.finetune.classify import ClassificationTask
+    from flaxgpt.finetune.classify import ClassificationTask, to_classifier
     from flaxgpt.finetune.trainable import count_by_label
-    from flaxgpt.io.checkpoint import latest_checkpoint
     from flaxgpt.text.tokenizers import get_tokenizer
-    from flaxgpt.training.loop import NonFiniteLossError, fit
-    from flaxgpt.training.progress import ProgressBar
+    from flaxgpt.training.evaluation import evaluate_metrics
     from flaxgpt.training.run_dir import RunDir
 
-    s = _settings(args)
+    s = _settings(args, DEFAULTS)
     out = Path(args.out or "runs/classify")
-    ckpt = latest_checkpoint(out) if args.resume else None
-    if args.resume and ckpt is None:
-        raise CLIError(f"--resume: no checkpoint in {out}")
+    ckpt = _resume_from(args, out, s)
     cfg, params, tok_name = _base_model(args, s["drop_rate"])
     tok = get_tokenizer(tok_name)
-    data = _data(s, tok, cfg.context_length)
-    cfg, labels, state, key, start = _state(s, cfg, params, {"num_classes": data["num_classes"]}, ckpt)
+    data = _classify_data(s, tok, cfg.context_length)
+    head_key, key = jax.random.split(jax.random.key(s["seed"]))
+    cfg, params = to_classifier(cfg, params, data["num_classes"], head_key)
+    cfg, labels, state, key, start = _train_state(s, cfg, params, key, ckpt)
     counts = count_by_label(state.params, labels)
     task = ClassificationTask(s["pool"])
     loaders = data["loaders"]
     classifier = {"max_length": data["max_length"], "pool": s["pool"], "pad_token_id": int(tok.eot_token),
                   "labels": list(SMS_LABELS) if s["data"] == "sms-spam" else None}
-    with _write_errors(out):
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", {"model": cfg.to_dict(), "finetune": {**s, "trainable": s["trainable"]},
-                                         "tokenizer": tok_name, "classifier": classifier})
+    _write_config(out, cfg, s, tok_name, {"classifier": classifier})
     print(f"classifier: {counts['trainable']:,} trainable / {counts['frozen']:,} frozen params; "
           f"{len(loaders['train'])} / {len(loaders['validation'])} / {len(loaders['test'])} batches of "
           f"{s['batch_size']} (width {data['max_length']}); out {out}")
-    total = s["epochs"] * len(loaders["train"]) if not s["max_steps"] else s["max_steps"]
     t0 = time.perf_counter()
-    try:
-        with ProgressBar(total, int(state.step), 1, start.tokens_seen if start else 0) as bar, _write_errors(out):
-            result = fit(state, loaders["train"], loaders["validation"], key=key, num_epochs=s["epochs"],
-                         eval_freq=s["eval_freq"], eval_iter=s["eval_iter"], max_steps=s["max_steps"] or None,
-                         run_dir=out, checkpoint_every=s["checkpoint_every"], keep_checkpoints=s["keep_checkpoints"],
-                         start=start, tokenizer_name=tok_name, task=task, callback=bar, sample_tokens=0,
-                         checkpoint_extra={"classifier": classifier})
-    except NonFiniteLossError as e:
-        print(f"flaxgpt finetune: error: {e}", file=sys.stderr)
+    result = _fit(s, state, loaders, key, start, out, tok_name, task, {"classifier": classifier})
+    if result is None:
         return 1
-    accuracies = _final_accuracies(result.state, loaders, task)
+    accuracies = {name: evaluate_metrics(result.state, loader, task, None, None)["accuracy"]
+                  for name, loader in loaders.items()}
     with _write_errors(out):
         run_dir = RunDir(out)
         run_dir.plot(seen="Examples seen")
@@ -210,4 +290,81 @@ def run(args: argparse.Namespace) -> int:
           + ", ".join(f"{k} {100 * v:.2f}%" for k, v in accuracies.items()))
     print(f'wrote {out}/metrics.jsonl, loss.png, accuracy.png, results.json; classify with: flaxgpt classify '
           f'--checkpoint {out} "..."')
-    return 130 if result.stopped == "SIGINT" else 143 if result.stopped == "SIGTERM" else 0
+    return _exit_status(result)
+
+
+# --------------------------------------------------------------------------- instruct
+
+
+def _instruct_data(s: dict[str, Any], tok: Any, context_length: int) -> dict[str, Any]:
+    """The book's splits and loaders (one-line errors for missing data, bad records, too few records)."""
+    from flaxgpt.data.instructions import book_split, instruction_loaders, load_instruction_data
+
+    try:
+        records = load_instruction_data(None if s["data"] == "book" else s["data"])
+    except ConnectionError as e:
+        raise CLIError(str(e).splitlines()[0]) from e
+    splits = book_split(records)
+    if len(splits["train"]) < s["batch_size"] or not splits["validation"]:
+        raise CLIError(f"{s['data']} has {len(records)} records: the 85/10/5 split needs at least --batch-size "
+                       f"{s['batch_size']} training and 1 validation record")
+    if s["max_length"] > context_length:
+        raise CLIError(f"--max-length {s['max_length']} exceeds the model's context length {context_length}")
+    loaders = instruction_loaders(splits, tok, s["batch_size"], s["seed"], pad_token_id=int(tok.eot_token),
+                                  allowed_max_length=s["max_length"] or context_length, bucket=s["bucket"] or None,
+                                  mask_instruction=s["mask_instruction"])
+    train = loaders["train"].dataset
+    if s["mask_instruction"] and all(n - 1 >= train.allowed_max_length for n in train.prompt_lengths):
+        raise CLIError(f"every training target is masked: with --mask-instruction no prompt is shorter than the "
+                       f"{train.allowed_max_length}-token batches (a longer --max-length or context is needed)")
+    return {"loaders": loaders, "splits": splits}
+
+
+def _run_instruct(args: argparse.Namespace) -> int:
+    import jax
+
+    from flaxgpt.cli.train import _write_errors
+    from flaxgpt.data.instructions import format_input
+    from flaxgpt.files import write_json
+    from flaxgpt.finetune.instruct import INSTRUCT, instruct_metadata
+    from flaxgpt.finetune.trainable import count_by_label
+    from flaxgpt.text.tokenizers import get_tokenizer
+    from flaxgpt.training.evaluation import evaluate_metrics
+    from flaxgpt.training.run_dir import RunDir
+
+    s = {**_settings(args, INSTRUCT_DEFAULTS), "mask_instruction": bool(args.mask_instruction)}
+    out = Path(args.out or "runs/instruct")
+    ckpt = _resume_from(args, out, s)
+    cfg, params, tok_name = _base_model(args, s["drop_rate"])
+    tok = get_tokenizer(tok_name)
+    data = _instruct_data(s, tok, cfg.context_length)
+    loaders = data["loaders"]
+    cfg, labels, state, key, start = _train_state(s, cfg, params, jax.random.key(s["seed"]), ckpt)
+    counts = count_by_label(state.params, labels)
+    extra = instruct_metadata(s["mask_instruction"], int(tok.eot_token), data=s["data"])
+    _write_config(out, cfg, s, tok_name, extra)
+    print(f"instruct: {counts['trainable']:,} trainable / {counts['frozen']:,} frozen params; "
+          + " / ".join(f"{len(split)}" for split in data["splits"].values()) + " train / validation / test "
+          f"records in {len(loaders['train'])} / {len(loaders['validation'])} / {len(loaders['test'])} batches of "
+          f"{s['batch_size']}; out {out}")
+    initial = None
+    if ckpt is None:  # the book prints both losses of the pretrained model over 5 batches first
+        initial = {n: evaluate_metrics(state, loaders[n], INSTRUCT, s["eval_iter"])["loss"]
+                   for n in ("train", "validation")}
+        print(f"initial: train loss {initial['train']:.3f}, validation loss {initial['validation']:.3f}")
+    t0 = time.perf_counter()
+    result = _fit(s, state, loaders, key, start, out, tok_name, INSTRUCT, extra, tokenizer=tok,
+                  sample_tokens=s["sample_tokens"], start_context=format_input(data["splits"]["validation"][0]))
+    if result is None:
+        return 1
+    final = {n: evaluate_metrics(result.state, loaders[n], INSTRUCT, s["eval_iter"])["loss"]
+             for n in ("train", "validation", "test")}
+    with _write_errors(out):
+        RunDir(out).plot()
+        write_json(out / "results.json", {"initial_loss": initial, "loss": final, "updates": result.updates,
+                                          "stopped": result.stopped, "time_s": round(time.perf_counter() - t0, 1)})
+    print(f"{result.stopped} after {result.updates} updates in {time.perf_counter() - t0:.1f}s: loss "
+          + ", ".join(f"{k} {v:.3f}" for k, v in final.items()) + f" (over {s['eval_iter']} batches)")
+    print(f"wrote {out}/metrics.jsonl, loss.png, results.json; responses with: flaxgpt respond --checkpoint {out} "
+          "--data test")
+    return _exit_status(result)

@@ -14,7 +14,7 @@ actual prompt lengths, ``max_new_tokens`` within its bucket, ``temperature``, ``
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -94,7 +94,7 @@ def decode_step(
     )  # (B, V)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "slots"))
+@functools.partial(jax.jit, static_argnames=("model", "slots", "emit"))
 def _generate_compiled(
     model: GPTModel,
     params: Params,
@@ -106,11 +106,17 @@ def _generate_compiled(
     top_p: jax.Array,
     eos_id: jax.Array,
     key: jax.Array,
+    tag: jax.Array | None = None,
     *,
     slots: int,
+    emit: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None,
 ) -> jax.Array:
     """Prefill plus a ``lax.while_loop`` of decode steps. Returns (B, slots) new ids, ``eos_id`` (or 0
-    without one) after a row stops and in the unused slots."""
+    without one) after a row stops and in the unused slots.
+
+    ``emit`` (static; None for plain generation) is traced into the program as ``emit(tag, step, tok)``
+    after every step's (B,) tokens are picked; it returns a bool scalar that, when true, stops every
+    row (see :mod:`flaxgpt.generation.stream`, which emits through a host callback)."""
     b, tb = idx.shape
     cache = init_cache(model.cfg, b, tb + slots, offset)  # k, v: per-layer keys (B, H, D, S) and values (B, H, S, D); see init_cache
     logits, cache = prefill(model, params, idx, cache)  # (B, V)
@@ -118,7 +124,10 @@ def _generate_compiled(
     def pick(logits: jax.Array, step: jax.Array, done: jax.Array) -> tuple[jax.Array, jax.Array]:
         tok = sample_next(logits, jax.random.fold_in(key, step), temperature, top_k, top_p)  # (B,)
         tok = jnp.where(done, eos_id, tok)  # finished rows repeat eos_id
-        return tok, done | (tok == eos_id)
+        done = done | (tok == eos_id)
+        if emit is not None:
+            done = done | emit(tag, step, tok)  # the host asked to stop: ends the loop
+        return tok, done
 
     tok, done = pick(logits, jnp.int32(0), jnp.zeros((b,), bool))
     out = jnp.full((b, slots), jnp.maximum(eos_id, 0), jnp.int32)  # (B, slots)
@@ -177,6 +186,86 @@ def _as_key(key: Any) -> jax.Array:
     return key
 
 
+def _check_generate_args(
+    model: GPTModel,
+    prompt: Any,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    eos_id: int | None,
+    key: jax.Array | None,
+) -> tuple[list[np.ndarray], str, int, int, jax.Array]:
+    """Host-side checks of :func:`generate`'s arguments (see there for the errors).
+
+    Returns:
+      ``(rows, kind, max_new_tokens, eos, key)``: the prompt rows as int32 arrays, the prompt kind
+      ("1d", "2d" or "list"), the checked token count, the EOS id (-1 for none) and a typed key.
+    """
+    cfg = model.cfg
+    rows, kind = _parse_prompt(prompt, cfg.vocab_size)
+    n = check_int("max_new_tokens", max_new_tokens, 0)
+    eos = -1 if eos_id is None else check_int("eos_id", eos_id, 0, cfg.vocab_size)
+    check_sampling(temperature, top_k, top_p)
+    if float(temperature) > 0.0 and key is None:
+        raise ValueError(
+            f"sampling with temperature={temperature} needs a PRNG key: pass key=jax.random.key(seed)"
+        )
+    key = jax.random.key(0) if key is None else _as_key(key)
+    longest = max(len(r) for r in rows)
+    if longest + n > cfg.context_length:
+        fixes = [f"shorten the prompt to its last {cfg.context_length - n} tokens"] if n < cfg.context_length else []
+        if longest < cfg.context_length:
+            fixes.append(f"ask for at most {cfg.context_length - longest} new tokens")
+        raise ValueError(
+            f"prompt of {longest} tokens + max_new_tokens={n} exceeds the model's context_length "
+            f"{cfg.context_length}; " + " or ".join(fixes or ["use a model with a longer context"])
+        )
+    return rows, kind, n, eos, key
+
+
+def _run_decode(
+    model: GPTModel,
+    params: Params,
+    rows: list[np.ndarray],
+    n: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    eos: int,
+    key: jax.Array,
+    *,
+    tag: np.ndarray | None = None,
+    emit: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None,
+) -> np.ndarray:
+    """Runs the compiled decode on checked arguments (see :func:`_check_generate_args`).
+
+    Returns:
+      (B, n) int32 new ids, ``eos`` (or 0 without one) from a row's EOS on.
+    """
+    cfg = model.cfg
+    if n == 0:
+        return np.zeros((len(rows), 0), np.int32)
+    idx, offset = left_pad(rows, cfg.context_length)  # (B, Tb), (B,)
+    t, k, p = sampling_args(temperature, top_k, top_p, cfg.vocab_size)
+    out = _generate_compiled(
+        model,
+        params,
+        idx,
+        offset,
+        np.int32(n),
+        t,
+        k,
+        p,
+        np.int32(eos),
+        key,
+        tag,
+        slots=new_tokens_bucket(n, cfg.context_length),
+        emit=emit,
+    )  # (B, slots)
+    return np.asarray(out)[:, :n]  # (B, n)
+
+
 def generate(
     model: GPTModel,
     params: Params,
@@ -218,45 +307,10 @@ def generate(
       ValueError: before any compute, on an empty prompt, ids outside the vocabulary, prompt +
         max_new_tokens > context_length, or bad sampling settings or key.
     """
-    cfg = model.cfg
-    rows, kind = _parse_prompt(prompt, cfg.vocab_size)
-    n = check_int("max_new_tokens", max_new_tokens, 0)
-    eos = -1 if eos_id is None else check_int("eos_id", eos_id, 0, cfg.vocab_size)
-    check_sampling(temperature, top_k, top_p)
-    if float(temperature) > 0.0 and key is None:
-        raise ValueError(
-            f"sampling with temperature={temperature} needs a PRNG key: pass key=jax.random.key(seed)"
-        )
-    key = jax.random.key(0) if key is None else _as_key(key)
-    longest = max(len(r) for r in rows)
-    if longest + n > cfg.context_length:
-        fixes = [f"shorten the prompt to its last {cfg.context_length - n} tokens"] if n < cfg.context_length else []
-        if longest < cfg.context_length:
-            fixes.append(f"ask for at most {cfg.context_length - longest} new tokens")
-        raise ValueError(
-            f"prompt of {longest} tokens + max_new_tokens={n} exceeds the model's context_length "
-            f"{cfg.context_length}; " + " or ".join(fixes or ["use a model with a longer context"])
-        )
-
-    if n == 0:
-        new = np.zeros((len(rows), 0), np.int32)
-    else:
-        idx, offset = left_pad(rows, cfg.context_length)  # (B, Tb), (B,)
-        t, k, p = sampling_args(temperature, top_k, top_p, cfg.vocab_size)
-        out = _generate_compiled(
-            model,
-            params,
-            idx,
-            offset,
-            np.int32(n),
-            t,
-            k,
-            p,
-            np.int32(eos),
-            key,
-            slots=new_tokens_bucket(n, cfg.context_length),
-        )  # (B, slots)
-        new = np.asarray(out)[:, :n]  # (B, n)
+    rows, kind, n, eos, key = _check_generate_args(
+        model, prompt, max_new_tokens, temperature, top_k, top_p, eos_id, key
+    )
+    new = _run_decode(model, params, rows, n, temperature, top_k, top_p, eos, key)  # (B, n)
 
     if kind == "2d":
         return jax.device_put(np.concatenate([np.stack(rows), new], axis=1))  # (B, T + n)
