@@ -49,6 +49,11 @@ from flaxgpt.data.sms_spam import load_sms_spam
 from flaxgpt.data.classification import ClassificationDataset, classification_loaders
 from flaxgpt.finetune.classify import ClassificationTask, classify, to_classifier
 
+# Chapter 7: instruction fine-tuning.
+from flaxgpt.data.instructions import InstructionDataset, format_input, instruction_loaders, load_instruction_data
+from flaxgpt.finetune.instruct import InstructionTask
+from flaxgpt.generation.stream import generate_stream
+
 # GPT-2 weights.
 from flaxgpt.io.hf import params_from_hf, params_to_hf
 from flaxgpt.io.book import params_from_book, params_to_book
@@ -114,6 +119,13 @@ __all__ = [
     "to_classifier",
     "ClassificationTask",
     "classify",
+    # ch. 7
+    "load_instruction_data",
+    "format_input",
+    "InstructionDataset",
+    "instruction_loaders",
+    "InstructionTask",
+    "generate_stream",
     # weights
     "params_from_hf",
     "params_to_hf",
