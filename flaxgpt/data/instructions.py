@@ -20,8 +20,7 @@ from typing import Any
 import numpy as np
 
 from flaxgpt.data.windows import DataLoader
-from flaxgpt.files import sha256_file
-from flaxgpt.text.corpora import DATA_DIR_ENV, cache_dir, download_file
+from flaxgpt.text.corpora import checked_data_file, download_file
 from flaxgpt.validation import check_int
 
 __all__ = [
@@ -62,16 +61,6 @@ _FIELDS = ("instruction", "input", "output")
 # --------------------------------------------------------------------------- files
 
 
-def _checked(path: Path) -> Path:
-    digest = sha256_file(path)
-    if digest != INSTRUCTION_DATA_SHA256:
-        raise ValueError(
-            f"{path} has SHA-256 {digest}, expected {INSTRUCTION_DATA_SHA256} (the book's instruction-data.json); "
-            "delete it to download it again"
-        )
-    return path
-
-
 def instruction_data_path(url: str = INSTRUCTION_DATA_URL) -> Path:
     """The book's ``instruction-data.json``: ``$FLAXGPT_DATA_DIR/instruction-data.json``, else the cached copy,
     else downloaded once into the cache (SHA-256 checked).
@@ -86,23 +75,8 @@ def instruction_data_path(url: str = INSTRUCTION_DATA_URL) -> Path:
       ConnectionError: nothing local and the download failed.
       ValueError: the file's SHA-256 is not the book's.
     """
-    data_dir = os.environ.get(DATA_DIR_ENV)
-    if data_dir:
-        local = Path(data_dir).expanduser() / INSTRUCTION_DATA_FILE
-        if local.is_file():
-            return _checked(local)
-    cached = cache_dir() / INSTRUCTION_DATA_FILE
-    if cached.is_file():
-        return _checked(cached)
-    try:
-        download_file(url, cached)
-    except ConnectionError as e:
-        raise ConnectionError(f"{e}; set ${DATA_DIR_ENV} to a folder holding {INSTRUCTION_DATA_FILE}") from e
-    try:
-        return _checked(cached)
-    except ValueError:
-        cached.unlink(missing_ok=True)  # a wrong download is not kept in the cache
-        raise
+    return checked_data_file(INSTRUCTION_DATA_FILE, INSTRUCTION_DATA_SHA256, "the book's instruction-data.json",
+                             lambda dest: download_file(url, dest))
 
 
 def _parse(path: Path, text: str) -> list[Any]:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from flaxgpt.files import atomic_file, sha256_file
-from flaxgpt.text.corpora import DATA_DIR_ENV, cache_dir, download_file
+from flaxgpt.files import atomic_file
+from flaxgpt.text.corpora import checked_data_file, download_file
 from flaxgpt.validation import check_number
 
 __all__ = [
@@ -61,17 +61,8 @@ class LabeledTexts:
         return len(self.texts)
 
 
-def _checked(path: Path) -> Path:
-    digest = sha256_file(path)
-    if digest != SMS_SPAM_SHA256:
-        raise ValueError(
-            f"{path} has SHA-256 {digest}, expected {SMS_SPAM_SHA256} (the UCI SMS Spam Collection); "
-            "delete it to download it again"
-        )
-    return path
-
-
-def _download(dest: Path, urls: tuple[str, ...]) -> Path:
+def _download(dest: Path, urls: tuple[str, ...]) -> None:
+    """Downloads the zip from the first URL that works and writes its one member to ``dest``."""
     errors = []
     for url in urls:
         zip_path = dest.parent / "sms_spam_collection.zip"
@@ -86,11 +77,8 @@ def _download(dest: Path, urls: tuple[str, ...]) -> Path:
             zip_path.unlink(missing_ok=True)
         with atomic_file(dest, "wb") as f:
             f.write(data)
-        return _checked(dest)
-    raise ConnectionError(
-        "could not download the SMS Spam Collection:\n  - " + "\n  - ".join(errors)
-        + f"\nSet ${DATA_DIR_ENV} to a folder holding {SMS_SPAM_DIR}/{SMS_SPAM_FILE}."
-    )
+        return
+    raise ConnectionError("could not download the SMS Spam Collection:\n  - " + "\n  - ".join(errors))
 
 
 def sms_spam_path(urls: tuple[str, ...] = SMS_SPAM_URLS) -> Path:
@@ -107,16 +95,8 @@ def sms_spam_path(urls: tuple[str, ...] = SMS_SPAM_URLS) -> Path:
       ConnectionError: nothing local and no download worked.
       ValueError: the file's SHA-256 is not the collection's.
     """
-    data_dir = os.environ.get(DATA_DIR_ENV)
-    if data_dir:
-        local = Path(data_dir).expanduser() / SMS_SPAM_DIR / SMS_SPAM_FILE
-        if local.is_file():
-            return _checked(local)
-    cached = cache_dir() / SMS_SPAM_DIR / SMS_SPAM_FILE
-    if cached.is_file():
-        return _checked(cached)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    return _download(cached, urls)
+    return checked_data_file(f"{SMS_SPAM_DIR}/{SMS_SPAM_FILE}", SMS_SPAM_SHA256, "the UCI SMS Spam Collection",
+                             lambda dest: _download(dest, urls))
 
 
 def read_sms_spam(path: str | os.PathLike[str] | None = None) -> tuple[list[str], list[str]]:

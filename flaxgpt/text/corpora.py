@@ -7,11 +7,12 @@ import functools
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
-from flaxgpt.files import atomic_file
+from flaxgpt.files import atomic_file, sha256_file
 
-__all__ = ["VERDICT_URL", "DATA_DIR_ENV", "CACHE_DIR_ENV", "cache_dir", "download_file", "load_text"]
+__all__ = ["VERDICT_URL", "DATA_DIR_ENV", "CACHE_DIR_ENV", "cache_dir", "download_file", "checked_data_file", "load_text"]
 
 VERDICT_URL = (
     "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/"
@@ -65,6 +66,47 @@ def download_file(url: str, dest: str | os.PathLike[str], timeout: float = 30.0)
     with atomic_file(dest, "wb") as f:
         f.write(data)
     return dest
+
+
+def checked_data_file(relpath: str, sha256: str, what: str, fetch: Callable[[Path], None]) -> Path:
+    """A data set's file: ``$FLAXGPT_DATA_DIR/relpath``, else the cached copy, else fetched once into the cache;
+    its SHA-256 checked in every case (a wrong download is not kept).
+
+    Args:
+      relpath: the file's path below the data folder or the cache, e.g. "instruction-data.json".
+      sha256: the expected hex digest.
+      what: the data set's name, for messages.
+      fetch: writes the file to the path it is given (e.g. a download); raises ConnectionError on failure.
+
+    Returns:
+      The verified path.
+
+    Raises:
+      ConnectionError: nothing local and ``fetch`` failed.
+      ValueError: the file's SHA-256 is not ``sha256``.
+    """
+    def checked(path: Path) -> Path:
+        digest = sha256_file(path)
+        if digest != sha256:
+            raise ValueError(f"{path} has SHA-256 {digest}, expected {sha256} ({what}); delete it to fetch it again")
+        return path
+
+    data_dir = os.environ.get(DATA_DIR_ENV)
+    if data_dir and (Path(data_dir).expanduser() / relpath).is_file():
+        return checked(Path(data_dir).expanduser() / relpath)
+    cached = cache_dir() / relpath
+    if cached.is_file():
+        return checked(cached)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fetch(cached)
+    except ConnectionError as e:
+        raise ConnectionError(f"{e}\nSet ${DATA_DIR_ENV} to a folder holding {relpath}.") from e
+    try:
+        return checked(cached)
+    except ValueError:
+        cached.unlink(missing_ok=True)
+        raise
 
 
 def _read_utf8(path: Path) -> str:
