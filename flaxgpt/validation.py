@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["check_int", "check_optional_int", "check_number", "check_token_ids", "is_concrete"]
+__all__ = ["check_int", "check_optional_int", "check_number", "check_token_ids", "check_language_model", "is_concrete"]
 
 
 def _int_range(low: int | None, high: int | None) -> str:
@@ -103,3 +103,16 @@ def check_token_ids(ids: Any, vocab_size: int, name: str = "token ids") -> np.nd
             bad = lo if lo < 0 else hi
             raise ValueError(f"{name} contain {bad}, outside the vocabulary [0, {vocab_size})")
     return arr.astype(np.int32)
+
+
+def check_language_model(cfg: Any) -> None:
+    """Refuses to generate text with a classifier (``cfg.num_classes`` set): its head scores classes, not tokens.
+
+    Args:
+      cfg: the model's GPTConfig.
+    """
+    if getattr(cfg, "num_classes", None) is not None:
+        raise ValueError(
+            f"this model is a classifier (num_classes={cfg.num_classes}): its head scores classes, not tokens, "
+            "so it cannot generate text (classify with flaxgpt.finetune.classify.classify / `flaxgpt classify`)"
+        )

@@ -180,3 +180,15 @@ def test_scanned_classifier_fine_tunes_after_unrolling(tiny_config) -> None:
         atol=1e-5,
     )
     assert label_params(uparams, trainable_patterns("last_block", ucfg.n_layers))["out_head"]["bias"] == TRAINABLE
+
+
+def test_a_classifier_cannot_generate_text(classifier) -> None:
+    from flaxgpt.book.generate import generate_text_simple
+    from flaxgpt.generation.decode import generate
+
+    cfg, params = classifier
+    model = GPTModel(cfg)
+    with pytest.raises(ValueError, match="classifier"):
+        generate(model, params, np.asarray([1, 2, 3]), max_new_tokens=4)
+    with pytest.raises(ValueError, match="classifier"):
+        generate_text_simple(model, params, np.asarray([[1, 2, 3]]), 4, cfg.context_length)

@@ -93,3 +93,21 @@ def test_respond_errors_are_one_line(run_dir, tmp_path, capsys):
     good.write_text(json.dumps(RECORDS[:1]))
     assert main(["respond", "--checkpoint", str(tmp_path / "no-run"), "--data", str(good)]) == 2
     assert "no such checkpoint or run directory" in capsys.readouterr().err
+
+
+def test_offline_download_failure_is_one_line(tmp_path, monkeypatch, capsys) -> None:
+    """No data folder, an empty cache, no network: `respond --data test` says so in one line (exit 2)."""
+    import flaxgpt.data.instructions as instructions
+    from flaxgpt.cli import main
+
+    monkeypatch.delenv("FLAXGPT_DATA_DIR", raising=False)
+    monkeypatch.setenv("FLAXGPT_CACHE_DIR", str(tmp_path / "cache"))
+
+    def offline(url, dest, timeout=30.0):
+        raise ConnectionError(f"could not download {url} to {dest}: no network")
+
+    monkeypatch.setattr(instructions, "download_file", offline)
+    rc = main(["respond", "--checkpoint", str(tmp_path / "missing-run"), "--data", "test"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "no network" in err and "FLAXGPT_DATA_DIR" in err

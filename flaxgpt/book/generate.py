@@ -15,7 +15,7 @@ import numpy as np
 
 from flaxgpt.generation.buckets import prompt_bucket
 from flaxgpt.nn.model import GPTModel, Params
-from flaxgpt.validation import check_int, check_token_ids
+from flaxgpt.validation import check_int, check_language_model, check_token_ids
 
 __all__ = ["generate_text_simple"]
 
@@ -46,6 +46,7 @@ def generate_text_simple(
       (B, T + max_new_tokens) int32 ids.
     """
     cfg = model.cfg
+    check_language_model(cfg)
     idx = check_token_ids(idx, cfg.vocab_size)
     if idx.ndim != 2 or idx.shape[1] == 0:
         raise ValueError(f"idx must have shape (B, T) with T >= 1, got {idx.shape}")

@@ -52,7 +52,10 @@ def _error_line(command: str, error: BaseException, verbose: bool) -> str:
     """The one line printed for an expected failure; errors with per-item reasons (e.g. every
     checkpoint of a run is corrupt) say where to find them."""
     hint = "; run with --verbose for the reasons" if getattr(error, "reasons", ()) and not verbose else ""
-    return f"flaxgpt {command}: error: {error}{hint}"
+    message = str(error)
+    if isinstance(error, ConnectionError):  # a download's "tried ..." list: one line
+        message = "; ".join(part.strip(" -") for part in message.splitlines() if part.strip())
+    return f"flaxgpt {command}: error: {message}{hint}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -77,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except (CLIError, ValueError, FileNotFoundError, NotADirectoryError, UnicodeDecodeError) as e:
+    except (CLIError, ValueError, FileNotFoundError, NotADirectoryError, UnicodeDecodeError, ConnectionError) as e:
         print(_error_line(args.command, e, args.verbose), file=sys.stderr)
         return 2
     except KeyboardInterrupt:

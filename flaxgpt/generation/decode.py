@@ -25,7 +25,7 @@ from flaxgpt.generation.buckets import new_tokens_bucket, prompt_bucket
 from flaxgpt.generation.sampling import check_sampling, sample_next, sampling_args
 from flaxgpt.nn.kv_cache import KVCache, init_cache
 from flaxgpt.nn.model import GPTModel, Params
-from flaxgpt.validation import check_int, check_token_ids
+from flaxgpt.validation import check_int, check_language_model, check_token_ids
 
 __all__ = ["left_pad", "prefill", "decode_step", "generate"]
 
@@ -203,6 +203,7 @@ def _check_generate_args(
       ("1d", "2d" or "list"), the checked token count, the EOS id (-1 for none) and a typed key.
     """
     cfg = model.cfg
+    check_language_model(cfg)
     rows, kind = _parse_prompt(prompt, cfg.vocab_size)
     n = check_int("max_new_tokens", max_new_tokens, 0)
     eos = -1 if eos_id is None else check_int("eos_id", eos_id, 0, cfg.vocab_size)
