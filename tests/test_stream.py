@@ -128,3 +128,19 @@ def test_stream_text_never_splits_a_character():
     assert all("\ufffd" not in p for p in pieces)
     assert len(pieces) > 5  # it streams, not one piece at the end
     assert list(stream_text(iter([0xC3]), tok)) == ["\ufffd"]  # a cut character at the very end is flushed
+
+
+def test_dropping_an_unread_stream_stops_the_program(model_params):
+    """A stream dropped after one token (no close()) is collected and its program stops: nothing keeps it."""
+    import gc
+
+    from flaxgpt.generation import stream as stream_module
+
+    model, params = model_params
+    s = generate_stream(model, params, np.asarray([1, 2, 3]), 40, buffer=1)
+    next(s)
+    finished = s.finished
+    del s
+    gc.collect()
+    assert finished.wait(timeout=30), "the dropped stream's program did not stop"
+    assert not stream_module._CHANNELS  # nothing left registered

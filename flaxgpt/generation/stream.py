@@ -11,7 +11,7 @@ Python loop over forward passes.
   stream a token belongs to is a traced ``tag``, so every stream of the same (config, prompt bucket,
   new-token bucket) reuses one compiled program, whatever its prompt length, settings or key.
 - **Backpressure and stopping**: the callback returns a bool that the loop ORs into its "done" flags.
-  Closing the stream (``close()``, ``with``, or dropping it) makes the next callback return true, which
+  Closing the stream (``close()``, ``with``, or dropping it: a finalizer closes it) makes the next callback return true, which
   ends the compiled loop at once. With ``buffer=N`` the callback blocks while N tokens wait unread, so
   decoding never runs more than N tokens ahead of the reader (``None``: never blocks).
 - **EOS**: the stream ends before the EOS token, as ``generate`` cuts its output before it.
@@ -21,10 +21,12 @@ Python loop over forward passes.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import queue
 import threading
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -44,23 +46,82 @@ logger = logging.getLogger(__name__)
 _DONE = object()  # queue sentinel: the compiled program has returned
 _POLL_S = 0.05  # how often a blocked callback re-checks whether its stream was closed
 
-_STREAMS: dict[int, TokenStream] = {}  # tag -> open stream
-_STREAMS_LOCK = threading.Lock()
+_CHANNELS: dict[int, _Channel] = {}  # tag -> the host side of a running decode
+_CHANNELS_LOCK = threading.Lock()
 _TAGS = itertools.count()
 
 
 def _host_emit(tag: np.ndarray, step: np.ndarray, tok: np.ndarray) -> np.ndarray:
-    """The host side of the callback: hands row 0's token to its stream; returns "stop" (bool)."""
-    with _STREAMS_LOCK:
-        stream = _STREAMS.get(int(tag))
-    if stream is None:  # closed and forgotten: stop decoding
+    """The host side of the callback: hands row 0's token to its channel; returns "stop" (bool)."""
+    with _CHANNELS_LOCK:
+        channel = _CHANNELS.get(int(tag))
+    if channel is None:  # closed and forgotten: stop decoding
         return np.bool_(True)
-    return np.bool_(stream._offer(int(step), int(tok[0])))
+    return np.bool_(channel.offer(int(step), int(tok[0])))
 
 
 def _emit(tag: jax.Array, step: jax.Array, tok: jax.Array) -> jax.Array:
     """Traced into the decode loop: one ordered host callback per step with its (B,) tokens."""
     return io_callback(_host_emit, jax.ShapeDtypeStruct((), jnp.bool_), tag, step, tok, ordered=True)
+
+
+class _Channel:
+    """What the running program and the reader share: the token queue, the unread-token budget and the
+    "closed" / "finished" events. The worker thread holds the channel, never the :class:`TokenStream`, so a
+    dropped stream is collected and its finalizer closes the channel, which stops the program."""
+
+    def __init__(self, eos: int, buffer: int | None) -> None:
+        self.queue: queue.Queue[Any] = queue.Queue()
+        self.slots = threading.Semaphore(buffer) if buffer is not None else None
+        self.closed = threading.Event()
+        self.finished = threading.Event()
+        self.eos = eos
+        self.tag = next(_TAGS) % (2**31)
+        with _CHANNELS_LOCK:
+            _CHANNELS[self.tag] = self
+
+    def offer(self, step: int, tok: int) -> bool:
+        """Called from the running program; returns True to stop it."""
+        if self.slots is not None:
+            while not self.slots.acquire(timeout=_POLL_S):
+                if self.closed.is_set():
+                    return True
+        if self.closed.is_set():
+            return True
+        self.queue.put((step, tok))
+        return tok == self.eos
+
+    def close(self) -> None:
+        """Stops the program at its next step (does not wait)."""
+        self.closed.set()
+        with _CHANNELS_LOCK:
+            _CHANNELS.pop(self.tag, None)
+
+    def work(self, start: Any) -> None:
+        error = None
+        try:
+            start(np.int32(self.tag))
+        except BaseException as e:  # handed to the reader, which re-raises it
+            error = e
+        self.finish(error)
+
+    def finish(self, error: BaseException | None) -> None:
+        self.close()
+        self.finished.set()
+        if error is not None:
+            self.queue.put(error)
+        self.queue.put(_DONE)
+
+
+@atexit.register
+def _close_all_at_exit() -> None:
+    """Stops running decodes before the interpreter goes (a program still in XLA at exit can crash it)."""
+    with _CHANNELS_LOCK:
+        channels = list(_CHANNELS.values())
+    for channel in channels:
+        channel.close()
+    for channel in channels:
+        channel.finished.wait(timeout=10.0)
 
 
 class TokenStream(Iterator[int]):
@@ -71,57 +132,23 @@ class TokenStream(Iterator[int]):
     """
 
     def __init__(self, start: Any, eos: int, n: int, buffer: int | None) -> None:
-        self._queue: queue.Queue[Any] = queue.Queue()
-        self._slots = threading.Semaphore(buffer) if buffer is not None else None
-        self._closed = threading.Event()
+        self._channel = _Channel(eos, buffer)
         self._ended = False
-        self._eos = eos
         self._expected = 0  # the next step number the reader should see
-        self.finished = threading.Event()
-        self._tag = next(_TAGS) % (2**31)
-        with _STREAMS_LOCK:
-            _STREAMS[self._tag] = self
+        self.finished = self._channel.finished
+        weakref.finalize(self, self._channel.close)  # dropped unread: stop decoding
         if n == 0:
-            self._finish(None)
+            self._channel.finish(None)
             return
-        self._thread = threading.Thread(target=self._work, args=(start,), daemon=True, name="flaxgpt-stream")
-        self._thread.start()
+        threading.Thread(target=self._channel.work, args=(start,), daemon=True, name="flaxgpt-stream").start()
 
-    # --- worker side
-    def _work(self, start: Any) -> None:
-        error = None
-        try:
-            start(np.int32(self._tag))
-        except BaseException as e:  # handed to the reader, which re-raises it
-            error = e
-        self._finish(error)
-
-    def _finish(self, error: BaseException | None) -> None:
-        with _STREAMS_LOCK:
-            _STREAMS.pop(self._tag, None)
-        self.finished.set()
-        if error is not None:
-            self._queue.put(error)
-        self._queue.put(_DONE)
-
-    def _offer(self, step: int, tok: int) -> bool:
-        """Called from the running program; returns True to stop it."""
-        if self._slots is not None:
-            while not self._slots.acquire(timeout=_POLL_S):
-                if self._closed.is_set():
-                    return True
-        if self._closed.is_set():
-            return True
-        self._queue.put((step, tok))
-        return tok == self._eos
-
-    # --- reader side
     def __next__(self) -> int:
         if self._ended:
             raise StopIteration
-        item = self._queue.get()
-        if self._slots is not None and isinstance(item, tuple):
-            self._slots.release()
+        channel = self._channel
+        item = channel.queue.get()
+        if channel.slots is not None and isinstance(item, tuple):
+            channel.slots.release()
         if isinstance(item, BaseException):
             self._ended = True
             raise item
@@ -133,16 +160,14 @@ class TokenStream(Iterator[int]):
             self.close()
             raise RuntimeError(f"stream received step {step}, expected step {self._expected}")
         self._expected += 1
-        if tok == self._eos:
+        if tok == channel.eos:
             self.close()
             raise StopIteration
         return tok
 
     def close(self) -> None:
         """Stops the decode (at its next step) and waits for the program to return. Idempotent."""
-        self._closed.set()
-        with _STREAMS_LOCK:
-            _STREAMS.pop(self._tag, None)
+        self._channel.close()
         self._ended = True
         self.finished.wait()
 
@@ -151,9 +176,6 @@ class TokenStream(Iterator[int]):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def __del__(self) -> None:
-        self._closed.set()  # never block in a finalizer: the program stops at its next callback
 
 
 def generate_stream(
