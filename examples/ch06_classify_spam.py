@@ -30,6 +30,7 @@ from flaxgpt.finetune.trainable import count_by_label, label_params, partition_o
 from flaxgpt.io.checkpoint import resolve_checkpoint
 from flaxgpt.io.pretrained import load_any
 from flaxgpt.nn.model import GPTModel
+from flaxgpt.nn.params import convert_layout
 from flaxgpt.text.tokenizers import get_tokenizer
 from flaxgpt.training.evaluation import evaluate_metrics
 from flaxgpt.training.loop import fit
@@ -60,7 +61,10 @@ def main() -> None:
                                      pad_token_id=tok.eot_token)
     print({k: len(v) for k, v in loaders.items()}, "batches; width", loaders["train"].dataset.max_length)
 
-    cfg, params = to_classifier(cfg.replace(drop_rate=0.0, scan_layers=False), params, 2, jax.random.key(123))
+    if cfg.scan_layers:  # "last_block" needs one entry per block
+        cfg = cfg.replace(scan_layers=False)
+        params = convert_layout(params, cfg)
+    cfg, params = to_classifier(cfg.replace(drop_rate=0.0), params, 2, jax.random.key(123))
     labels = label_params(params, trainable_patterns("last_block", cfg.n_layers))
     print("parameters:", count_by_label(params, labels))
     tx = partition_optimizer(make_optimizer(5e-5, weight_decay=0.1), labels)

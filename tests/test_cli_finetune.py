@@ -225,3 +225,36 @@ def test_instruct_errors_are_one_line(base_run: Path, instruct_json: Path, tmp_p
     assert rc == 2 and "every training target is masked" in err  # 32 tokens hold no response
     rc, _, err = _run(capsys, *_instruct(base_run, tmp_path / "none.json", tmp_path / "x"))
     assert rc == 2 and "no such instruction data file" in err
+
+
+def test_resume_keeps_the_runs_objective_and_optimizer(base_run: Path, data_csv: Path, tmp_path: Path,
+                                                       capsys) -> None:
+    """--resume takes options not given again from the run, and refuses ones given with another value."""
+    out = tmp_path / "cls"
+    assert _run(capsys, *_finetune(base_run, data_csv, out, "--max-steps", "3", "--pool", "last_nonpad"))[0] == 0
+    rc, _, err = _run(capsys, *_finetune(base_run, data_csv, out, "--max-steps", "6", "--resume",
+                                         "--pool", "last"))
+    assert rc == 2 and "--pool last differs from the run's last_nonpad" in err
+    rc, _, err = _run(capsys, *_finetune(base_run, data_csv, out, "--max-steps", "6", "--resume",
+                                         "--trainable", "all"))
+    assert rc == 2 and "--trainable all differs" in err
+    argv = ["finetune", "classify", "--checkpoint", str(base_run), "--data", str(data_csv), "--out", str(out),
+            "--batch-size", "4", "--eval-freq", "3", "--eval-iter", "2", "--epochs", "2", "--max-steps", "6",
+            "--resume"]  # no --lr 1e-3, no --pool: the run's
+    rc, text, err = _run(capsys, *argv)
+    assert rc == 0, err
+    saved = json.loads((out / "config.json").read_text())["finetune"]
+    assert saved["pool"] == "last_nonpad" and saved["lr"] == 1e-3
+
+
+def test_generation_commands_refuse_a_classifier_run(base_run: Path, data_csv: Path, tmp_path: Path,
+                                                     capsys, monkeypatch) -> None:
+    import io
+
+    out = tmp_path / "cls"
+    assert _run(capsys, *_finetune(base_run, data_csv, out, "--max-steps", "2"))[0] == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    for argv in (["chat", "--checkpoint", str(out)], ["respond", "--checkpoint", str(out), "--data", str(data_csv)]):
+        rc, text, err = _run(capsys, *argv)
+        assert rc == 2 and "classifier" in err and len(err.strip().splitlines()) == 1, argv
+        assert "type a message" not in text  # refused before the chat starts

@@ -95,7 +95,7 @@ def test_respond_errors_are_one_line(run_dir, tmp_path, capsys):
     assert "no such checkpoint or run directory" in capsys.readouterr().err
 
 
-def test_offline_download_failure_is_one_line(tmp_path, monkeypatch, capsys) -> None:
+def test_offline_download_failure_is_one_line(run_dir, tmp_path, monkeypatch, capsys) -> None:
     """No data folder, an empty cache, no network: `respond --data test` says so in one line (exit 2)."""
     import flaxgpt.data.instructions as instructions
     from flaxgpt.cli import main
@@ -107,7 +107,7 @@ def test_offline_download_failure_is_one_line(tmp_path, monkeypatch, capsys) -> 
         raise ConnectionError(f"could not download {url} to {dest}: no network")
 
     monkeypatch.setattr(instructions, "download_file", offline)
-    rc = main(["respond", "--checkpoint", str(tmp_path / "missing-run"), "--data", "test"])
+    rc = main(["respond", "--checkpoint", str(run_dir), "--data", "test"])
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1
     assert "no network" in err and "FLAXGPT_DATA_DIR" in err

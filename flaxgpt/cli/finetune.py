@@ -43,7 +43,10 @@ SMS_LABELS = ("not spam", "spam")  # the book's classify_review answers
 _NUMBERS = (("epochs", int), ("max-steps", int), ("batch-size", int), ("lr", float), ("weight-decay", float),
             ("eval-freq", int), ("eval-iter", int), ("checkpoint-every", int), ("keep-checkpoints", int),
             ("drop-rate", float), ("seed", int))
-_DATA_OPTIONS = ("data", "num_classes", "batch_size", "seed", "bucket", "max_length", "mask_instruction")
+# Options that fix the data, its order, the objective or the optimizer state: a resumed run keeps the saved
+# values (an option not given again is taken from the run; one given with another value is an error).
+_DATA_OPTIONS = ("data", "num_classes", "batch_size", "seed", "bucket", "max_length", "mask_instruction",
+                 "pool", "trainable", "lr", "weight_decay", "drop_rate")
 
 
 # --------------------------------------------------------------------------- parsers
@@ -125,7 +128,12 @@ def _resume_from(args: argparse.Namespace, out: Path, s: dict[str, Any]) -> Path
         raise CLIError(f"--resume: no checkpoint in {out}")
     saved = read_json(out / "config.json").get("finetune", {}) if ckpt and (out / "config.json").is_file() else {}
     for key in _DATA_OPTIONS:
-        if key in saved and key in s and saved[key] != s[key]:
+        if key not in saved or key not in s:
+            continue
+        given = getattr(args, key, None)
+        if given is None or given is False:  # not given again: the run's value
+            s[key] = saved[key]
+        elif saved[key] != s[key]:
             raise CLIError(f"--resume: --{key.replace('_', '-')} {s[key]} differs from the run's {saved[key]}")
     return ckpt
 
@@ -303,7 +311,7 @@ def _instruct_data(s: dict[str, Any], tok: Any, context_length: int) -> dict[str
     try:
         records = load_instruction_data(None if s["data"] == "book" else s["data"])
     except ConnectionError as e:
-        raise CLIError(str(e).splitlines()[0]) from e
+        raise CLIError("; ".join(line.strip() for line in str(e).splitlines() if line.strip())) from e
     splits = book_split(records)
     if len(splits["train"]) < s["batch_size"] or not splits["validation"]:
         raise CLIError(f"{s['data']} has {len(records)} records: the 85/10/5 split needs at least --batch-size "

@@ -64,11 +64,16 @@ def load_run(checkpoint: str, dtype: str | None = None) -> tuple[Any, Any, Any, 
     from flaxgpt.io.checkpoint import CHECKPOINTS, META_FILE, load_model_from_checkpoint
     from flaxgpt.nn.model import GPTModel
     from flaxgpt.text.tokenizers import get_tokenizer
+    from flaxgpt.validation import check_language_model
 
     try:
         cfg, params, info = load_model_from_checkpoint(checkpoint, dtype=dtype)
     except ImportError as e:
         raise CLIError(str(e)) from e
+    try:
+        check_language_model(cfg)
+    except ValueError as e:
+        raise CLIError(f"{checkpoint}: {e}") from e
     path = Path(checkpoint)
     run_dir = path.parent.parent if (path / META_FILE).is_file() else path.parent if path.name == CHECKPOINTS else path
     logger.debug("loaded %s (step %s, tokenizer %s)", info["path"], info["step"], info["tokenizer"])
@@ -94,10 +99,10 @@ def run(args: argparse.Namespace) -> int:
     from flaxgpt.data.instructions import format_input
     from flaxgpt.finetune.respond import RESPONSES_FILE, generate_responses, write_responses
 
+    model, params, tok, run_dir = load_run(args.checkpoint, args.dtype)  # a classifier is refused first
     records = _records(args.data, args.source)
     if not records:
         raise CLIError(f"--data {args.data} holds no records")
-    model, params, tok, run_dir = load_run(args.checkpoint, args.dtype)
     out = Path(args.out) if args.out else run_dir / RESPONSES_FILE
     if not out.parent.is_dir():
         raise CLIError(f"--out: no such folder {out.parent}")
