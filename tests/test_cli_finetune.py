@@ -258,3 +258,23 @@ def test_generation_commands_refuse_a_classifier_run(base_run: Path, data_csv: P
         rc, text, err = _run(capsys, *argv)
         assert rc == 2 and "classifier" in err and len(err.strip().splitlines()) == 1, argv
         assert "type a message" not in text  # refused before the chat starts
+
+
+def test_fine_tuning_really_learns_a_rule(base_run: Path, tmp_path: Path, capsys) -> None:
+    """An almost untrained base fine-tuned end to end clearly beats chance on a learnable rule ('z' in text)."""
+    rng = np.random.default_rng(0)
+    rows = ["text,label"]
+    for _ in range(240):
+        t = "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(4, 20)))
+        rows.append(f"{t},{int('z' in t)}")
+    data = tmp_path / "rule.csv"
+    data.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    labels = np.asarray([int(r.rsplit(",", 1)[1]) for r in rows[1:]])
+    majority = max(labels.mean(), 1 - labels.mean())
+    out = tmp_path / "cls"
+    rc, _, err = _run(capsys, "finetune", "classify", "--checkpoint", str(base_run), "--data", str(data), "--out",
+                      str(out), "--trainable", "all", "--lr", "3e-3", "--epochs", "6", "--eval-freq", "50",
+                      "--eval-iter", "1")
+    assert rc == 0, err
+    accuracy = json.loads((out / "results.json").read_text())["accuracy"]
+    assert accuracy["test"] >= 0.9 > majority + 0.1, (accuracy, majority)
