@@ -3,28 +3,13 @@ the argmax of full forward passes."""
 
 from __future__ import annotations
 
-import functools
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _logits import logits as _logits
 
 from flaxgpt.book.generate import generate_text_simple
-from flaxgpt.config import GPTConfig
 from flaxgpt.nn.model import GPTModel
-
-
-def _logits(cfg: GPTConfig, params, ids, deterministic: bool = True, rngs=None):
-    """Jitted ``model.apply`` (the config is static, so equal configs and shapes share a compile)."""
-    key = None if rngs is None else rngs["dropout"]
-    return _jit_logits(cfg, params, jnp.asarray(ids), deterministic, key)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _jit_logits(cfg: GPTConfig, params, ids, deterministic, key):
-    rngs = None if key is None else {"dropout": key}
-    return GPTModel(cfg).apply({"params": params}, ids, deterministic=deterministic, rngs=rngs)
 
 
 def _assert_book_greedy(cfg, params, out, prompt_len: int, context_size: int) -> None:

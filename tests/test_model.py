@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _logits import logits as _logits
 
 from flaxgpt.config import GPTConfig
 from flaxgpt.nn.kv_cache import KVCache, init_cache
@@ -25,18 +26,6 @@ from flaxgpt.nn.params import (
 
 def _ids(key: int, shape: tuple[int, int], vocab: int) -> jax.Array:
     return jax.random.randint(jax.random.key(key), shape, 0, vocab)
-
-
-def _logits(cfg: GPTConfig, params, ids, deterministic: bool = True, rngs=None):
-    """Jitted ``model.apply`` (the config is static, so equal configs and shapes share a compile)."""
-    key = None if rngs is None else rngs["dropout"]
-    return _jit_logits(cfg, params, jnp.asarray(ids), deterministic, key)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _jit_logits(cfg: GPTConfig, params, ids, deterministic, key):
-    rngs = None if key is None else {"dropout": key}
-    return GPTModel(cfg).apply({"params": params}, ids, deterministic=deterministic, rngs=rngs)
 
 
 # --------------------------------------------------------------------------- shapes
