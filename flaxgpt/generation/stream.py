@@ -49,6 +49,7 @@ _POLL_S = 0.05  # how often a blocked callback re-checks whether its stream was 
 _CHANNELS: dict[int, _Channel] = {}  # tag -> the host side of a running decode
 _CHANNELS_LOCK = threading.Lock()
 _TAGS = itertools.count()
+_WORKERS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()  # joined at exit, finished or not
 
 
 def _host_emit(tag: np.ndarray, step: np.ndarray, tok: np.ndarray) -> np.ndarray:
@@ -115,13 +116,14 @@ class _Channel:
 
 @atexit.register
 def _close_all_at_exit() -> None:
-    """Stops running decodes before the interpreter goes (a program still in XLA at exit can crash it)."""
+    """Stops running decodes and joins their threads before the interpreter goes: a daemon thread still in
+    XLA (or releasing its buffers) when the interpreter finalizes can abort the process."""
     with _CHANNELS_LOCK:
         channels = list(_CHANNELS.values())
     for channel in channels:
         channel.close()
-    for channel in channels:
-        channel.finished.wait(timeout=10.0)
+    for thread in list(_WORKERS):
+        thread.join(timeout=10.0)
 
 
 class TokenStream(Iterator[int]):
@@ -140,7 +142,9 @@ class TokenStream(Iterator[int]):
         if n == 0:
             self._channel.finish(None)
             return
-        threading.Thread(target=self._channel.work, args=(start,), daemon=True, name="flaxgpt-stream").start()
+        self._thread = threading.Thread(target=self._channel.work, args=(start,), daemon=True, name="flaxgpt-stream")
+        _WORKERS.add(self._thread)
+        self._thread.start()
 
     def __next__(self) -> int:
         if self._ended:
@@ -170,6 +174,9 @@ class TokenStream(Iterator[int]):
         self._channel.close()
         self._ended = True
         self.finished.wait()
+        thread = getattr(self, "_thread", None)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()  # the worker has nothing left but to return
 
     def __enter__(self) -> TokenStream:
         return self
