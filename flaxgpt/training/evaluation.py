@@ -110,6 +110,11 @@ def evaluate(
 def greedy_sample(state: TrainState, tokenizer: Any, start_context: str, max_new_tokens: int = 50) -> str:
     """The book's ``generate_and_print_sample``, returning the text: greedy continuation of a prompt.
 
+    It uses the book's ``generate_text_simple`` (not the compiled ``generate``) on purpose: that loop crops the
+    window to the last ``context_length`` tokens, so a sample may run past a small model's context (the
+    fixture run samples 50 tokens from a 32-token model), where ``generate`` refuses prompt + new tokens
+    beyond the context.
+
     Args:
       state: the train state (its model and params are used).
       tokenizer: a tiktoken Encoding or a Tokenizer.
