@@ -38,7 +38,7 @@ def _block_class(cfg: GPTConfig) -> type[nn.Module]:
     if cfg.scan_layers:
         block = nn.scan(
             block,
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, "lora": 0},  # lora: flaxgpt.nn.lora adapters
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast),  # deterministic, kv, index, offset
             length=cfg.n_layers,

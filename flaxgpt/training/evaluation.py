@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxgpt.book.generate import generate_text_simple
+from flaxgpt.nn.lora import inference_params
 from flaxgpt.training.state import StepFn, TrainState, make_eval_step, make_train_step
 from flaxgpt.training.tasks import PRETRAIN, Batch, Task, batch_args
 from flaxgpt.validation import check_optional_int
@@ -116,7 +117,7 @@ def greedy_sample(state: TrainState, tokenizer: Any, start_context: str, max_new
     beyond the context.
 
     Args:
-      state: the train state (its model and params are used).
+      state: the train state (its model and params are used; a LoRA state's adapters are merged first).
       tokenizer: a tiktoken Encoding or a Tokenizer.
       start_context: the prompt.
       max_new_tokens: tokens to generate.
@@ -128,5 +129,6 @@ def greedy_sample(state: TrainState, tokenizer: Any, start_context: str, max_new
 
     cfg = state.model.cfg
     ids = text_to_token_ids(start_context, tokenizer)  # (1, T)
-    out = generate_text_simple(state.model, state.params, ids, max_new_tokens, cfg.context_length)
+    params = inference_params(state.params)
+    out = generate_text_simple(state.model, params, ids, max_new_tokens, cfg.context_length)
     return token_ids_to_text(np.asarray(out), tokenizer)

@@ -37,18 +37,23 @@ class TrainState(train_state.TrainState):
     model: GPTModel = flax.struct.field(pytree_node=False)
 
 
-def create_train_state(model: GPTModel, params: Any, tx: optax.GradientTransformation) -> TrainState:
+def create_train_state(
+    model: GPTModel, params: Any, tx: optax.GradientTransformation, apply_fn: Callable[..., Any] | None = None
+) -> TrainState:
     """Builds the initial train state (``step`` 0 as an int32 array, optimizer state from ``tx.init``).
 
     Args:
-      model: the model; its ``apply`` becomes ``state.apply_fn``.
-      params: the model's parameters.
+      model: the model.
+      params: the parameters ``apply_fn`` takes under "params".
       tx: the optimizer, e.g. :func:`flaxgpt.training.optim.make_optimizer`.
+      apply_fn: ``state.apply_fn`` (hashable); None for ``model.apply``. A LoRA state passes
+        :class:`flaxgpt.nn.lora.LoRAApply` (see :func:`flaxgpt.finetune.lora_train.lora_train_state`).
 
     Returns:
       The state.
     """
-    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, model=model)
+    apply_fn = model.apply if apply_fn is None else apply_fn
+    state = TrainState.create(apply_fn=apply_fn, params=params, tx=tx, model=model)
     return state.replace(step=jnp.zeros((), jnp.int32))  # strong int32: one compile, also on resume
 
 
