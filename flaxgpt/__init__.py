@@ -54,6 +54,12 @@ from flaxgpt.data.instructions import InstructionDataset, format_input, instruct
 from flaxgpt.finetune.instruct import InstructionTask
 from flaxgpt.generation.stream import generate_stream
 
+# Appendix E: LoRA.
+from flaxgpt.nn.lora import LoRA, init_lora, lora_apply, merge_lora
+from flaxgpt.finetune.lora_train import lora_train_state
+from flaxgpt.io.adapters import load_lora, save_lora
+from flaxgpt.io.peft import save_peft
+
 # GPT-2 weights.
 from flaxgpt.io.hf import params_from_hf, params_to_hf
 from flaxgpt.io.book import params_from_book, params_to_book
@@ -126,6 +132,15 @@ __all__ = [
     "instruction_loaders",
     "InstructionTask",
     "generate_stream",
+    # appendix E
+    "LoRA",
+    "init_lora",
+    "lora_apply",
+    "merge_lora",
+    "lora_train_state",
+    "save_lora",
+    "load_lora",
+    "save_peft",
     # weights
     "params_from_hf",
     "params_to_hf",

@@ -4,9 +4,11 @@ encoder.json and vocab.bpe); tests that need them skip when they are unset."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tiktoken
 
@@ -83,3 +85,46 @@ def ids(tiny):
     import numpy as np
 
     return np.asarray(jax.random.randint(jax.random.key(1), (2, 10), 0, tiny.vocab_size), np.int32)
+
+
+# --------------------------------------------------------------------------- the fine-tuning CLI tests' inputs
+
+
+@pytest.fixture(scope="session")
+def base_run(tmp_path_factory) -> Path:
+    """A tiny byte-level `flaxgpt train` run to fine-tune from."""
+    root = tmp_path_factory.mktemp("base")
+    text = root / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    from flaxgpt.cli import main
+
+    rc = main(["train", "--text", str(text), "--tokenizer", "bytes", "--emb-dim", "32", "--n-layers", "2",
+               "--n-heads", "2", "--context-length", "32", "--batch-size", "4", "--max-steps", "2",
+               "--out", str(root / "run")])
+    assert rc == 0
+    return root / "run"
+
+
+@pytest.fixture(scope="session")
+def data_csv(tmp_path_factory) -> Path:
+    """80 random lowercase texts; label 1 when the text holds a 'z'."""
+    rng = np.random.default_rng(0)
+    rows = ["text,label"]
+    for _ in range(80):
+        t = "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(4, 20)))
+        rows.append(f"{t},{int('z' in t)}")
+    path = tmp_path_factory.mktemp("data") / "d.csv"
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def instruct_json(tmp_path_factory) -> Path:
+    """24 instruction records (20 / 2 / 2 after the book's 85/10/5 split), every third without input."""
+    rng = np.random.default_rng(1)
+    words = "red green blue cat dog sun moon tree".split()
+    recs = [{"instruction": " ".join(rng.choice(words, 2)), "input": "" if i % 3 else str(rng.choice(words)),
+             "output": " ".join(rng.choice(words, 3))} for i in range(24)]
+    path = tmp_path_factory.mktemp("sft") / "d.json"
+    path.write_text(json.dumps(recs), encoding="utf-8")
+    return path

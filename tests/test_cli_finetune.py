@@ -18,32 +18,6 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
     return rc, out, err
 
 
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory) -> Path:
-    """A tiny byte-level `flaxgpt train` run to fine-tune from."""
-    root = tmp_path_factory.mktemp("base")
-    text = root / "t.txt"
-    text.write_text("the quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
-    rc = main(["train", "--text", str(text), "--tokenizer", "bytes", "--emb-dim", "32", "--n-layers", "2",
-               "--n-heads", "2", "--context-length", "32", "--batch-size", "4", "--max-steps", "2",
-               "--out", str(root / "run")])
-    assert rc == 0
-    return root / "run"
-
-
-@pytest.fixture(scope="module")
-def data_csv(tmp_path_factory) -> Path:
-    """80 random lowercase texts; label 1 when the text holds a 'z'."""
-    rng = np.random.default_rng(0)
-    rows = ["text,label"]
-    for _ in range(80):
-        t = "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(4, 20)))
-        rows.append(f"{t},{int('z' in t)}")
-    path = tmp_path_factory.mktemp("data") / "d.csv"
-    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    return path
-
-
 def _finetune(base: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return ["finetune", "classify", "--checkpoint", str(base), "--data", str(data), "--out", str(out),
             "--batch-size", "4", "--eval-freq", "3", "--eval-iter", "2", "--lr", "1e-3", "--epochs", "2", *extra]
@@ -150,18 +124,6 @@ def test_from_a_hugging_face_folder_tied_gpt2(gpt2_bpe_dir, data_csv: Path, tmp_
 
 
 # --------------------------------------------------------------------------- finetune instruct
-
-
-@pytest.fixture(scope="module")
-def instruct_json(tmp_path_factory) -> Path:
-    """24 instruction records (20 / 2 / 2 after the book's 85/10/5 split), every third without input."""
-    rng = np.random.default_rng(1)
-    words = "red green blue cat dog sun moon tree".split()
-    recs = [{"instruction": " ".join(rng.choice(words, 2)), "input": "" if i % 3 else str(rng.choice(words)),
-             "output": " ".join(rng.choice(words, 3))} for i in range(24)]
-    path = tmp_path_factory.mktemp("sft") / "d.json"
-    path.write_text(json.dumps(recs), encoding="utf-8")
-    return path
 
 
 def _instruct(base: Path, data: Path, out: Path, *extra: str) -> list[str]:

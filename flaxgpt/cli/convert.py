@@ -18,13 +18,18 @@ SRC (detected):
   a GPT-2 model name            gpt2, gpt2-medium, gpt2-large, gpt2-xl (downloaded once)
 DST (--to, by default "book" when DST ends in .safetensors, else "hf"):
   hf    a folder with model.safetensors + config.json that transformers.GPT2LMHeadModel loads
+        (a LoRA run's adapters are merged into the weights)
   book  one .safetensors file the book's PyTorch GPTModel loads with load_state_dict(load_file(DST))
+  lora  a LoRA run's adapters alone (adapters.safetensors + lora.json; flaxgpt.io.adapters.load_lora)
+  peft  a LoRA run's adapters in Hugging Face PEFT's format (adapter_config.json +
+        adapter_model.safetensors) for peft.PeftModel.from_pretrained(GPT2LMHeadModel of the base, DST)
 
 Pickle files (pytorch_model.bin, *.pt, *.pth) are never read: convert them to safetensors first.
 
 examples:
   flaxgpt convert gpt2 ./gpt2-hf
   flaxgpt convert runs/my-run ./my-model --to hf
+  flaxgpt convert runs/instruct-lora ./my-adapter --to peft
   flaxgpt convert ./book-model.safetensors ./hf-dir --n-heads 4
 """
 
@@ -39,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("src", metavar="SRC", help="weights to read (see below)")
     p.add_argument("dst", metavar="DST", help="folder (hf) or .safetensors file (book) to write")
-    p.add_argument("--to", choices=("hf", "book"), default=None, help="output format")
+    p.add_argument("--to", choices=("hf", "book", "lora", "peft"), default=None, help="output format")
     p.add_argument(
         "--n-heads", type=int, default=None, metavar="H", help="heads of a book file of non-GPT-2 width"
     )
@@ -56,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     from flaxgpt.nn.params import count_params
 
     to = args.to or ("book" if str(args.dst).endswith(".safetensors") else "hf")
+    if to in ("lora", "peft"):
+        return _convert_adapters(args, to)
     try:
         cfg, params, fmt = load_any(
             args.src, n_heads=args.n_heads, dtype=args.dtype, allow_non_finite=args.allow_non_finite
@@ -67,4 +74,26 @@ def run(args: argparse.Namespace) -> int:
     else:
         out = save_pretrained(cfg, params, args.dst)
     print(f"converted {args.src} ({fmt}) -> {out} ({to}): {count_params(params):,} parameters")
+    return 0
+
+
+def _convert_adapters(args: argparse.Namespace, to: str) -> int:
+    """``--to lora|peft``: a LoRA run's adapters alone."""
+    from flaxgpt.cli import CLIError
+    from flaxgpt.io.adapters import save_lora
+    from flaxgpt.io.checkpoint import load_lora_from_checkpoint
+    from flaxgpt.io.peft import save_peft
+    from flaxgpt.io.pretrained import detect_format
+    from flaxgpt.nn.params import count_params
+
+    if detect_format(args.src) != "checkpoint":
+        raise CLIError(f"--to {to} exports a LoRA fine-tuning run's adapters; {args.src} is not a flaxgpt run")
+    cfg, _, lora, info = load_lora_from_checkpoint(args.src, allow_non_finite=args.allow_non_finite)
+    settings = info["lora"]
+    if to == "lora":
+        out = save_lora(args.dst, lora, targets=settings.get("targets"),
+                        base={"config": cfg.to_dict(), "source": settings.get("base")})
+    else:
+        out = save_peft(args.dst, cfg, lora, base_model_name_or_path=str(settings.get("base") or "gpt2"))
+    print(f"converted {args.src} (LoRA rank {lora.rank}) -> {out} ({to}): {count_params(lora):,} adapter parameters")
     return 0

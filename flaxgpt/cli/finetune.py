@@ -30,7 +30,8 @@ from flaxgpt.cli import CLIError
 __all__ = ["add_parser", "run"]
 
 _COMMON: dict[str, Any] = {"max_steps": 0, "batch_size": 8, "lr": 5e-5, "weight_decay": 0.1, "eval_iter": 5,
-                           "keep_checkpoints": 3, "drop_rate": 0.0, "seed": 123}
+                           "keep_checkpoints": 3, "drop_rate": 0.0, "seed": 123,
+                           "lora_rank": 0, "lora_alpha": 16.0, "lora_targets": "all", "lora_dropout": 0.0}
 DEFAULTS: dict[str, Any] = {  # classify (book chapter 6)
     "data": "sms-spam", "num_classes": 2, "trainable": "last_block", "pool": "last", "epochs": 5,
     "eval_freq": 50, "checkpoint_every": 200, **_COMMON,
@@ -42,11 +43,12 @@ INSTRUCT_DEFAULTS: dict[str, Any] = {  # instruct (book chapter 7)
 SMS_LABELS = ("not spam", "spam")  # the book's classify_review answers
 _NUMBERS = (("epochs", int), ("max-steps", int), ("batch-size", int), ("lr", float), ("weight-decay", float),
             ("eval-freq", int), ("eval-iter", int), ("checkpoint-every", int), ("keep-checkpoints", int),
-            ("drop-rate", float), ("seed", int))
+            ("drop-rate", float), ("seed", int), ("lora-rank", int), ("lora-alpha", float), ("lora-dropout", float))
 # Options that fix the data, its order, the objective or the optimizer state: a resumed run keeps the saved
 # values (an option not given again is taken from the run; one given with another value is an error).
 _DATA_OPTIONS = ("data", "num_classes", "batch_size", "seed", "bucket", "max_length", "mask_instruction",
-                 "pool", "trainable", "lr", "weight_decay", "drop_rate")
+                 "pool", "trainable", "lr", "weight_decay", "drop_rate", "lora_rank", "lora_alpha", "lora_targets",
+                 "lora_dropout")
 
 
 # --------------------------------------------------------------------------- parsers
@@ -61,10 +63,16 @@ def _add_common(c: argparse.ArgumentParser, d: dict[str, Any], out: str) -> None
                       help="a fresh model of flaxgpt train's default size (no pretraining: a baseline)")
     c.add_argument("--trainable", help="'last_block' (last block, final norm, head), 'head', 'all', or "
                    f"comma-separated path patterns such as 'trf_blocks_11/,out_head/' (default {d['trainable']})")
+    c.add_argument("--lora-targets", metavar="all|attention|feed_forward|PATTERNS",
+                   help="with --lora-rank: the linear layers that get adapters, a preset or comma-separated path "
+                   "patterns searched in each layer's path such as 'W_query,W_value' (default all: the book's)")
     c.add_argument("--out", metavar="DIR", help=f"run directory (default {out})")
     c.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    helps = {"lora-rank": "LoRA (book appendix E): adapters of this rank on the --lora-targets, the rest frozen; "
+             "0 = no LoRA (default 0)", "lora-alpha": "LoRA alpha; the adapters are scaled by alpha / rank (default 16)",
+             "lora-dropout": "dropout on the adapters' input (default 0, the book)"}
     for flag, kind in _NUMBERS:
-        c.add_argument(f"--{flag}", type=kind, help=f"default {d[flag.replace('-', '_')]}")
+        c.add_argument(f"--{flag}", type=kind, help=helps.get(flag, f"default {d[flag.replace('-', '_')]}"))
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -106,6 +114,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _settings(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, Any]:
     s = {k: (getattr(args, k) if getattr(args, k, None) is not None else v) for k, v in defaults.items()}
+    if s["lora_rank"] < 0:
+        raise CLIError(f"--lora-rank must be >= 0, got {s['lora_rank']}")
+    if s["lora_rank"]:
+        if getattr(args, "trainable", None) is not None:
+            raise CLIError("--trainable and --lora-rank exclude each other: LoRA trains the adapters only")
+        s["trainable"] = "lora"
     if "," in s["trainable"] or "/" in s["trainable"]:  # path patterns
         s["trainable"] = [p for p in s["trainable"].split(",") if p]
     for name in ("epochs", "batch_size", "eval_freq", "eval_iter", "keep_checkpoints"):
@@ -174,17 +188,78 @@ def _train_state(s: dict[str, Any], cfg: Any, params: Any, key: Any, ckpt: Path 
     if cfg.scan_layers and s["trainable"] == "last_block":  # a label tree cannot split the layer axis
         cfg = cfg.replace(scan_layers=False)
         params = convert_layout(params, cfg)
-    try:
-        labels = label_params(params, trainable_patterns(s["trainable"], cfg.n_layers, cfg.scan_layers))
-    except ValueError as e:
-        raise CLIError(str(e)) from e
-    tx = partition_optimizer(make_optimizer(s["lr"], weight_decay=s["weight_decay"]), labels)
-    state = create_train_state(GPTModel(cfg), params, tx)
+    adam = make_optimizer(s["lr"], weight_decay=s["weight_decay"])
+    if s["lora_rank"]:
+        state, labels = _lora_state(s, cfg, params, key, adam)
+    else:
+        try:
+            labels = label_params(params, trainable_patterns(s["trainable"], cfg.n_layers, cfg.scan_layers))
+        except ValueError as e:
+            raise CLIError(str(e)) from e
+        state = create_train_state(GPTModel(cfg), params, partition_optimizer(adam, labels))
     if ckpt is None:
         return cfg, labels, state, key, None
     state, meta = restore_checkpoint(ckpt, state)
     print(f"resuming {meta['path']} (step {meta['step']}, epoch {meta['epoch'] + 1})")
     return cfg, labels, state, meta["key"], Position(meta["epoch"], meta["batch_index"], meta["tokens_seen"])
+
+
+def _lora_state(s: dict[str, Any], cfg: Any, params: Any, key: Any, tx: Any) -> tuple[Any, Any]:
+    """A LoRA train state (adapters from ``fold_in(key, 13)``) and its labels."""
+    import jax
+
+    from flaxgpt.finetune.lora_train import lora_train_state
+    from flaxgpt.nn.lora import init_lora
+    from flaxgpt.nn.model import GPTModel
+
+    try:
+        lora = init_lora(params, jax.random.fold_in(key, 13), rank=s["lora_rank"], alpha=s["lora_alpha"],
+                         targets=s["lora_targets"], dropout=s["lora_dropout"])
+    except ValueError as e:
+        raise CLIError(f"--lora-*: {e}") from e
+    return lora_train_state(GPTModel(cfg), params, lora, tx)
+
+
+def _lora_extra(s: dict[str, Any], state: Any, source: str) -> dict[str, Any]:
+    """``{"lora": settings}`` for a LoRA run's checkpoints and config.json (empty without LoRA)."""
+    from flaxgpt.finetune.lora_train import lora_metadata
+
+    if not s["lora_rank"]:
+        return {}
+    return {"lora": {**lora_metadata(state.params["lora"], s["lora_targets"]), "base": source}}
+
+
+def _source(args: argparse.Namespace) -> str:
+    return "from-scratch" if args.from_scratch else str(args.checkpoint or args.pretrained)
+
+
+def _sizes(state: Any, labels: Any) -> dict[str, int]:
+    """Trainable and frozen parameter counts and the optimizer state's bytes."""
+    from flaxgpt.finetune.trainable import count_by_label
+    from flaxgpt.nn.params import param_bytes
+
+    counts = count_by_label(state.params, labels)
+    return {"trainable_params": counts["trainable"], "frozen_params": counts["frozen"],
+            "optimizer_state_bytes": param_bytes(state.opt_state)}
+
+
+def _describe(sizes: dict[str, int], s: dict[str, Any]) -> str:
+    lora = f" (LoRA rank {s['lora_rank']}, alpha {s['lora_alpha']:g})" if s["lora_rank"] else ""
+    return (f"{sizes['trainable_params']:,} trainable{lora} / {sizes['frozen_params']:,} frozen params, optimizer "
+            f"state {sizes['optimizer_state_bytes'] / 2**20:.1f} MiB")
+
+
+def _save_adapters(out: Path, s: dict[str, Any], state: Any, extra: dict[str, Any]) -> str:
+    """Writes a LoRA run's adapters alone to ``OUT/adapters`` (nothing without LoRA); the note to print."""
+    from flaxgpt.cli.train import _write_errors
+    from flaxgpt.io.adapters import save_lora
+
+    if not s["lora_rank"]:
+        return ""
+    with _write_errors(out):
+        save_lora(out / "adapters", state.params["lora"], targets=s["lora_targets"],
+                  base={"config": state.model.cfg.to_dict(), "source": extra["lora"]["base"]})
+    return ", adapters/"
 
 
 def _fit(s: dict[str, Any], state: Any, loaders: dict[str, Any], key: Any, start: Any, out: Path,
@@ -259,7 +334,6 @@ def _run_classify(args: argparse.Namespace) -> int:
     from flaxgpt.cli.train import _write_errors
     from flaxgpt.files import write_json
     from flaxgpt.finetune.classify import ClassificationTask, to_classifier
-    from flaxgpt.finetune.trainable import count_by_label
     from flaxgpt.text.tokenizers import get_tokenizer
     from flaxgpt.training.evaluation import evaluate_metrics
     from flaxgpt.training.run_dir import RunDir
@@ -273,17 +347,18 @@ def _run_classify(args: argparse.Namespace) -> int:
     head_key, key = jax.random.split(jax.random.key(s["seed"]))
     cfg, params = to_classifier(cfg, params, data["num_classes"], head_key)
     cfg, labels, state, key, start = _train_state(s, cfg, params, key, ckpt)
-    counts = count_by_label(state.params, labels)
+    sizes = _sizes(state, labels)
     task = ClassificationTask(s["pool"])
     loaders = data["loaders"]
     classifier = {"max_length": data["max_length"], "pool": s["pool"], "pad_token_id": int(tok.eot_token),
                   "labels": list(SMS_LABELS) if s["data"] == "sms-spam" else None}
-    _write_config(out, cfg, s, tok_name, {"classifier": classifier})
-    print(f"classifier: {counts['trainable']:,} trainable / {counts['frozen']:,} frozen params; "
+    extra = {"classifier": classifier, **_lora_extra(s, state, _source(args))}
+    _write_config(out, cfg, s, tok_name, extra)
+    print(f"classifier: {_describe(sizes, s)}; "
           f"{len(loaders['train'])} / {len(loaders['validation'])} / {len(loaders['test'])} batches of "
           f"{s['batch_size']} (width {data['max_length']}); out {out}")
     t0 = time.perf_counter()
-    result = _fit(s, state, loaders, key, start, out, tok_name, task, {"classifier": classifier})
+    result = _fit(s, state, loaders, key, start, out, tok_name, task, extra)
     if result is None:
         return 1
     accuracies = {name: evaluate_metrics(result.state, loader, task, None, None)["accuracy"]
@@ -293,10 +368,12 @@ def _run_classify(args: argparse.Namespace) -> int:
         run_dir.plot(seen="Examples seen")
         run_dir.plot(metric="accuracy", seen="Examples seen")
         write_json(out / "results.json", {"accuracy": accuracies, "updates": result.updates,
-                                          "stopped": result.stopped, "time_s": round(time.perf_counter() - t0, 1)})
+                                          "stopped": result.stopped, "time_s": round(time.perf_counter() - t0, 1),
+                                          **sizes})
+    adapters = _save_adapters(out, s, result.state, extra)
     print(f"{result.stopped} after {result.updates} updates in {time.perf_counter() - t0:.1f}s: accuracy "
           + ", ".join(f"{k} {100 * v:.2f}%" for k, v in accuracies.items()))
-    print(f'wrote {out}/metrics.jsonl, loss.png, accuracy.png, results.json; classify with: flaxgpt classify '
+    print(f'wrote {out}/metrics.jsonl, loss.png, accuracy.png, results.json{adapters}; classify with: flaxgpt classify '
           f'--checkpoint {out} "..."')
     return _exit_status(result)
 
@@ -335,7 +412,6 @@ def _run_instruct(args: argparse.Namespace) -> int:
     from flaxgpt.data.instructions import format_input
     from flaxgpt.files import write_json
     from flaxgpt.finetune.instruct import INSTRUCT, instruct_metadata
-    from flaxgpt.finetune.trainable import count_by_label
     from flaxgpt.text.tokenizers import get_tokenizer
     from flaxgpt.training.evaluation import evaluate_metrics
     from flaxgpt.training.run_dir import RunDir
@@ -348,10 +424,11 @@ def _run_instruct(args: argparse.Namespace) -> int:
     data = _instruct_data(s, tok, cfg.context_length)
     loaders = data["loaders"]
     cfg, labels, state, key, start = _train_state(s, cfg, params, jax.random.key(s["seed"]), ckpt)
-    counts = count_by_label(state.params, labels)
-    extra = instruct_metadata(s["mask_instruction"], int(tok.eot_token), data=s["data"])
+    sizes = _sizes(state, labels)
+    extra = {**instruct_metadata(s["mask_instruction"], int(tok.eot_token), data=s["data"]),
+             **_lora_extra(s, state, _source(args))}
     _write_config(out, cfg, s, tok_name, extra)
-    print(f"instruct: {counts['trainable']:,} trainable / {counts['frozen']:,} frozen params; "
+    print(f"instruct: {_describe(sizes, s)}; "
           + " / ".join(f"{len(split)}" for split in data["splits"].values()) + " train / validation / test "
           f"records in {len(loaders['train'])} / {len(loaders['validation'])} / {len(loaders['test'])} batches of "
           f"{s['batch_size']}; out {out}")
@@ -370,9 +447,11 @@ def _run_instruct(args: argparse.Namespace) -> int:
     with _write_errors(out):
         RunDir(out).plot()
         write_json(out / "results.json", {"initial_loss": initial, "loss": final, "updates": result.updates,
-                                          "stopped": result.stopped, "time_s": round(time.perf_counter() - t0, 1)})
+                                          "stopped": result.stopped, "time_s": round(time.perf_counter() - t0, 1),
+                                          **sizes})
+    adapters = _save_adapters(out, s, result.state, extra)
     print(f"{result.stopped} after {result.updates} updates in {time.perf_counter() - t0:.1f}s: loss "
           + ", ".join(f"{k} {v:.3f}" for k, v in final.items()) + f" (over {s['eval_iter']} batches)")
-    print(f"wrote {out}/metrics.jsonl, loss.png, results.json; responses with: flaxgpt respond --checkpoint {out} "
+    print(f"wrote {out}/metrics.jsonl, loss.png, results.json{adapters}; responses with: flaxgpt respond --checkpoint {out} "
           "--data test")
     return _exit_status(result)

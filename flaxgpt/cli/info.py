@@ -53,9 +53,25 @@ def model_info(path: str, n_heads: int | None = None) -> dict[str, object]:
         "location": location,
         "config": cfg.to_dict(),
         "head": _head(cfg),
+        "lora": _lora(path) if fmt == "checkpoint" else None,
         "parameters": count_params(shapes),
         "bytes": param_bytes(shapes),
     }
+
+
+def _lora(path: str) -> str | None:
+    """A LoRA run's adapters in words (from meta.json), or None."""
+    import math
+
+    from flaxgpt.io.checkpoint import resolve_checkpoint
+
+    meta = resolve_checkpoint(path)[1]
+    settings = meta.get("extra", {}).get("lora")
+    if not settings:
+        return None
+    n = sum(math.prod(leaf["shape"]) for leaf in meta["leaves"] if leaf["name"].startswith("params/lora/"))
+    return (f"rank {settings.get('rank')}, alpha {settings.get('alpha')}, targets {settings.get('targets')}: "
+            f"{n:,} adapter params, merged into the weights on load (book appendix E)")
 
 
 def _head(cfg: object) -> str:
@@ -72,6 +88,8 @@ def _print_model(info: dict[str, object]) -> None:
     for name, value in info["config"].items():  # type: ignore[union-attr]
         print(f"{name:15s} {value}")
     print(f"{'head':15s} {info['head']}")
+    if info.get("lora"):
+        print(f"{'lora':15s} {info['lora']}")
     n, size = int(info["parameters"]), int(info["bytes"])  # type: ignore[call-overload]
     print(f"{'parameters':15s} {n:,} ({n / 1e6:.1f}M)")
     print(f"{'size':15s} {size:,} bytes ({size / 2**20:.1f} MiB)")

@@ -51,7 +51,9 @@ def lora_train_state(
 
     Returns:
       (state, labels); ``state.params`` is ``{"base": params, "lora": lora}``, the labels are
-      :func:`lora_labels`'s (for :func:`flaxgpt.finetune.trainable.count_by_label`).
+      :func:`lora_labels`'s (for :func:`flaxgpt.finetune.trainable.count_by_label`). The train step donates
+      the state, so after the first step read the base and adapters from the returned state
+      (``state.params["base"]``, ``state.params["lora"]``), not from the arrays passed in.
     """
     train = lora_train_params(params, lora)
     labels = lora_labels(train)

@@ -54,6 +54,7 @@ from flaxgpt.io.checkpoint_dir import (
     resolve_checkpoint,
 )
 from flaxgpt.io.safetensors_io import check_finite
+from flaxgpt.nn.lora import LoRA, check_lora, is_lora_train_params, merge_lora
 from flaxgpt.pytree import flatten_with_names, unflatten_dict
 from flaxgpt.validation import check_int
 
@@ -65,6 +66,7 @@ __all__ = [
     "save_checkpoint",
     "restore_checkpoint",
     "load_model_from_checkpoint",
+    "load_lora_from_checkpoint",
     "list_checkpoints",
     "latest_checkpoint",
     "resolve_checkpoint",
@@ -165,6 +167,7 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    extra = _with_lora_settings(state, extra)
     try:
         tensors, leaf_info = _write_tensors(tmp, state)
         meta = {
@@ -180,7 +183,7 @@ def save_checkpoint(
             "tokenizer": tokenizer,
             "tensors": tensors,
             "leaves": leaf_info,
-            "extra": dict(extra or {}),
+            "extra": extra,
         }
         write_json(tmp / META_FILE, meta)  # fsyncs the file and tmp
         publish_checkpoint(tmp, final)
@@ -190,6 +193,17 @@ def save_checkpoint(
     prune_checkpoints(ckpt_dir, keep)
     logger.debug("saved checkpoint %s", final)
     return final
+
+
+def _with_lora_settings(state: Any, extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``extra`` plus, for a LoRA train state, the adapters' settings under "lora" (what loading needs to
+    merge them), so every LoRA checkpoint describes itself."""
+    out = dict(extra or {})
+    params = getattr(state, "params", None)
+    if is_lora_train_params(params):
+        lora = params["lora"]
+        out["lora"] = {**dict(out.get("lora") or {}), "rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout}
+    return out
 
 
 # --------------------------------------------------------------------------- restore
@@ -269,7 +283,9 @@ def load_model_from_checkpoint(
 
     Returns:
       (config, params, info): params is the nested dict of jax arrays ``model.apply`` takes under
-      ``"params"``; info holds ``step``, ``tokenizer``, ``epoch``, ``tokens_seen`` and ``path``.
+      ``"params"``; info holds ``step``, ``tokenizer``, ``epoch``, ``tokens_seen``, ``path`` and ``lora``:
+      for a LoRA fine-tuning run its settings (rank, alpha, ...), the adapters merged into the returned
+      params (:func:`flaxgpt.nn.lora.merge_lora`); None otherwise.
 
     Raises:
       ValueError: a parameter holds NaN or inf (named, with the count), unless ``allow_non_finite``.
@@ -282,16 +298,64 @@ def load_model_from_checkpoint(
     if not allow_non_finite:
         for name, arr in flat.items():
             check_finite(arr, name, str(ckpt / TENSORS_FILE))
+    params = unflatten_dict({n[len("params/") :]: jnp.asarray(v) for n, v in flat.items()})
+    lora = _checkpoint_lora(ckpt, meta, params)
+    if lora is not None:  # a LoRA fine-tuning run: the adapters folded into the base
+        params = merge_lora(params["base"], lora)
     if dtype is not None:
         dt = dtype_name(dtype)
         cfg = cfg.replace(param_dtype=dt, dtype=dt)
-        flat = {n: arr.astype(cfg.weight_dtype) for n, arr in flat.items()}
-    params = unflatten_dict({n[len("params/") :]: jnp.asarray(v) for n, v in flat.items()})
+        params = jax.tree.map(lambda x: x.astype(cfg.weight_dtype), params)
     info = {
         "step": meta["step"],
         "tokenizer": meta["tokenizer"],
         "epoch": meta["epoch"],
         "tokens_seen": meta["tokens_seen"],
         "path": str(ckpt),
+        "lora": dict(meta["extra"]["lora"]) if lora is not None else None,
     }
     return cfg, params, info
+
+
+def _checkpoint_lora(ckpt: Path, meta: Mapping[str, Any], params: Mapping[str, Any]) -> LoRA | None:
+    """The adapters of a LoRA run's params (``{"base": ..., "lora": {"adapters": ...}}``), else None."""
+    if set(params) != {"base", "lora"}:
+        return None
+    settings = meta.get("extra", {}).get("lora")
+    if not isinstance(settings, Mapping) or not isinstance(settings.get("alpha"), (int, float)):
+        raise CheckpointError(f"{ckpt}: LoRA parameters without their settings (meta.json extra.lora.alpha)")
+    try:
+        lora = LoRA(dict(params["lora"]["adapters"]), alpha=float(settings["alpha"]),
+                    dropout=float(settings.get("dropout", 0.0)))
+        check_lora(params["base"], lora)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{ckpt}: the LoRA adapters do not fit the base: {e}") from e
+    return lora
+
+
+def load_lora_from_checkpoint(
+    path: str | os.PathLike[str], *, allow_non_finite: bool = False
+) -> tuple[GPTConfig, Any, LoRA, dict[str, Any]]:
+    """Loads a LoRA fine-tuning run's base parameters and adapters, unmerged (e.g. to export the adapters).
+
+    Args:
+      path: a run directory or a ``step_*`` checkpoint folder of a LoRA run.
+      allow_non_finite: load parameters holding NaN or inf instead of refusing them.
+
+    Returns:
+      (config, base params, adapters, info) with ``info`` as :func:`load_model_from_checkpoint`'s.
+
+    Raises:
+      CheckpointError: the run is not a LoRA run, or its adapters do not fit its base.
+    """
+    ckpt, meta = resolve_checkpoint(path)
+    flat = _read_tensors(ckpt, meta, prefix="params/")
+    if not allow_non_finite:
+        for name, arr in flat.items():
+            check_finite(arr, name, str(ckpt / TENSORS_FILE))
+    params = unflatten_dict({n[len("params/") :]: jnp.asarray(v) for n, v in flat.items()})
+    lora = _checkpoint_lora(ckpt, meta, params)
+    if lora is None:
+        raise CheckpointError(f"{ckpt} is not a LoRA run (its params have no lora/ adapters)")
+    cfg, _, info = load_model_from_checkpoint(ckpt, allow_non_finite=True)
+    return cfg, params["base"], lora, info

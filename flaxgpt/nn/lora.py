@@ -149,7 +149,8 @@ def target_layers(params: Params, targets: str | Sequence[str] = "all") -> list[
             raise ValueError(f"LoRA target {p!r} is not a regular expression: {e}") from e
         hits = [name for name in layers if rx.search(name)]
         if not hits:
-            raise ValueError(f"LoRA target {p!r} matches no linear layer (they look like {layers[:3]})")
+            raise ValueError(f"LoRA target {p!r} matches no linear layer (they look like {layers[:3]}; the presets "
+                             f"are {sorted(LORA_TARGETS)})")
         chosen.update(hits)
     return sorted(chosen)
 
