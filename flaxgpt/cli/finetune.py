@@ -5,7 +5,12 @@ Both start from GPT-2 weights (``--pretrained gpt2-medium`` or a local folder), 
 (``--checkpoint RUN``) or, for experiments, a fresh model (``--from-scratch``), and train the chosen parameters
 (``--trainable``) through the same training loop as ``flaxgpt train`` (checkpoints, exact ``--resume``,
 SIGINT/SIGTERM, NaN stop). Each writes ``OUT/metrics.jsonl``, ``OUT/loss.png``, ``OUT/checkpoints/``,
-``OUT/config.json`` and ``OUT/results.json``.
+``OUT/config.json`` and ``OUT/results.json`` (with the trainable count and the optimizer state's bytes).
+
+LoRA (book appendix E): ``--lora-rank R`` trains only rank-R adapters on the ``--lora-targets`` layers (default
+every linear layer, the book's), scaled by ``--lora-alpha`` / R, the base frozen bit for bit; the adapters alone
+are also written to ``OUT/adapters/``, and ``flaxgpt convert OUT DIR --to peft`` exports them for Hugging Face
+PEFT. Every command that loads the run gets the adapters merged into the weights.
 
 classify: swaps the head for a ``num_classes`` linear layer; also writes ``OUT/accuracy.png`` (the book's
 figures 6.16 and 6.17); results are the final train / validation / test accuracy.

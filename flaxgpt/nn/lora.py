@@ -244,7 +244,9 @@ def _interceptor(lora: LoRA, deterministic: bool) -> Any:
         if rate > 0.0 and not deterministic:
             keep = jax.random.bernoulli(mod.make_rng("dropout"), 1.0 - rate, x.shape)
             x = jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
-        return y + (scale * ((x @ a) @ b)).astype(y.dtype)  # (..., out)
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in): 2-D dots, cheaper to differentiate on XLA:CPU than batched
+        delta = ((x2 @ a) @ b).reshape(*x.shape[:-1], b.shape[-1])  # (..., out)
+        return y + (scale * delta).astype(y.dtype)
 
     return intercept
 
