@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from flaxgpt.data.classification import classification_loaders
@@ -93,24 +94,28 @@ def main() -> None:
     model = GPTModel(cfg)
     adam = make_optimizer(5e-5, weight_decay=0.1)
 
+    # The train step donates its state: keep a host copy of the base to compare with and to start again from.
+    host = jax.tree.map(np.asarray, params)
+    fresh = lambda: jax.tree.map(jnp.asarray, host)  # noqa: E731
+
     # LoRA: every linear layer, the base frozen (bit-identical after training).
-    lora = init_lora(params, jax.random.key(123), rank=args.rank, alpha=args.alpha, targets="all")
-    state, labels = lora_train_state(model, params, lora, adam)
+    lora = init_lora(host, jax.random.key(123), rank=args.rank, alpha=args.alpha, targets="all")
+    state, labels = lora_train_state(model, fresh(), lora, adam)
     runs = {"LoRA": _train(state, labels, loaders, args.epochs, Path(args.out) / "lora")}
     trained = runs["LoRA"]["state"].params
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(trained["base"])))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(host), jax.tree.leaves(trained["base"])))
     folder = save_lora(Path(args.out) / "adapters", trained["lora"], targets="all")
     print(f"adapters alone: {sum(f.stat().st_size for f in folder.iterdir()) / 2**20:.1f} MiB in {folder}")
 
     if args.compare:  # chapter 6: the last block, the final norm and the head
-        labels = label_params(params, trainable_patterns("last_block", cfg.n_layers))
-        state = create_train_state(model, params, partition_optimizer(adam, labels))
+        labels = label_params(host, trainable_patterns("last_block", cfg.n_layers))
+        state = create_train_state(model, fresh(), partition_optimizer(adam, labels))
         runs["last block"] = _train(state, labels, loaders, args.epochs, Path(args.out) / "last-block")
     for name, r in runs.items():
         _report(name, r)
     print("book (GPT-2 124M, LoRA):", ", ".join(f"{k} {100 * v:.2f}%" for k, v in BOOK_ACCURACY.items()))
 
-    merged = merge_lora(params, load_lora(folder, params))  # plain weights: any flaxgpt tool takes them
+    merged = merge_lora(fresh(), load_lora(folder, host))  # plain weights: any flaxgpt tool takes them
     for text in ("You are a winner you have been specially selected to receive $1000 cash or a $2000 award.",
                  "Hey, just wanted to check if we're still on for dinner tonight? Let me know!"):
         label = classify(model, merged, text, tok, max_length=width, pad_token_id=tok.eot_token,
