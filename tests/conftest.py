@@ -128,3 +128,13 @@ def instruct_json(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("sft") / "d.json"
     path.write_text(json.dumps(recs), encoding="utf-8")
     return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drops JAX's compiled programs after each test module: the suite compiles thousands of small programs,
+    and keeping them all grows one pytest process by gigabytes."""
+    yield
+    import jax
+
+    jax.clear_caches()

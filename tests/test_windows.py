@@ -246,3 +246,28 @@ def test_train_val_split_rejects_ratio(ratio: float) -> None:
 
 # --------------------------------------------------------------------------- corpora
 
+
+
+def test_for_process_shares_are_the_global_batches_in_order() -> None:
+    ids = np.arange(400, dtype=np.int32)
+    whole = DataLoader.from_token_ids(ids, batch_size=8, max_length=4, stride=4, seed=5)
+    shares = [DataLoader.from_token_ids(ids, batch_size=8, max_length=4, stride=4, seed=5).for_process(i, 2)
+              for i in range(2)]
+    for epoch in (0, 3):
+        for (x, y), (x0, y0), (x1, y1) in zip(whole.batches(epoch, 1), shares[0].batches(epoch, 1),
+                                              shares[1].batches(epoch, 1)):
+            assert x0.shape == (4, 4)
+            np.testing.assert_array_equal(np.concatenate([x0, x1]), x)
+            np.testing.assert_array_equal(np.concatenate([y0, y1]), y)
+    assert len(shares[0]) == len(whole)
+
+
+def test_for_process_needs_a_batch_that_splits_and_full_batches() -> None:
+    ids = np.arange(120, dtype=np.int32)
+    with pytest.raises(ValueError, match="does not split over 3 processes"):
+        DataLoader.from_token_ids(ids, batch_size=8, max_length=4, stride=4).for_process(0, 3)
+    val = DataLoader.from_token_ids(ids, batch_size=8, max_length=4, stride=4, shuffle=False, drop_last=False)
+    assert len(val) == 4  # 29 windows: 3 full batches and a partial one
+    assert len(val.for_process(1, 2)) == 3 and val.drop_last  # every process gets an equal share
+    with pytest.raises(ValueError, match=r"index must be"):
+        DataLoader.from_token_ids(ids, batch_size=8, max_length=4, stride=4).for_process(2, 2)

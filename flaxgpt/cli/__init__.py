@@ -75,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if not args.verbose:  # JAX logs backend probing (e.g. "Unable to initialize backend 'tpu'") at INFO
         logging.getLogger("jax").setLevel(logging.WARNING)
+        logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save and restore at INFO
     if args.command is None:
         parser.print_help()
         return 0

@@ -78,6 +78,9 @@ def _add_common(c: argparse.ArgumentParser, d: dict[str, Any], out: str) -> None
              "lora-dropout": "dropout on the adapters' input (default 0, the book)"}
     for flag, kind in _NUMBERS:
         c.add_argument(f"--{flag}", type=kind, help=helps.get(flag, f"default {d[flag.replace('-', '_')]}"))
+    from flaxgpt.cli.processes import add_process_args
+
+    add_process_args(c)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -140,9 +143,15 @@ def _resume_from(args: argparse.Namespace, out: Path, s: dict[str, Any]) -> Path
     """The checkpoint ``--resume`` continues from (None without it); the options that fix the data and its order
     must be the saved run's."""
     from flaxgpt.files import read_json
-    from flaxgpt.io.checkpoint import latest_checkpoint
+    from flaxgpt.io.checkpoint import CheckpointError, resolve_checkpoint
+    from flaxgpt.io.runs import has_checkpoints
 
-    ckpt = latest_checkpoint(out) if args.resume else None
+    ckpt = None
+    if args.resume and has_checkpoints(out):
+        try:
+            ckpt = resolve_checkpoint(out)[0]
+        except CheckpointError as e:
+            raise CLIError(f"--resume: {e}") from e
     if args.resume and ckpt is None:
         raise CLIError(f"--resume: no checkpoint in {out}")
     saved = read_json(out / "config.json").get("finetune", {}) if ckpt and (out / "config.json").is_file() else {}
@@ -180,8 +189,11 @@ def _base_model(args: argparse.Namespace, drop_rate: float) -> tuple[Any, Any, s
     return cfg.replace(drop_rate=drop_rate), params, name
 
 
-def _train_state(s: dict[str, Any], cfg: Any, params: Any, key: Any, ckpt: Path | None) -> tuple:
-    """(config, labels, state, key, start): AdamW on the ``--trainable`` parameters, restored from ``ckpt``."""
+def _train_state(s: dict[str, Any], cfg: Any, params: Any, key: Any, ckpt: Path | None, task: Any,
+                 multi: bool) -> tuple:
+    """(config, labels, state, key, start, placement): AdamW on the ``--trainable`` parameters, on a mesh of
+    every device on several processes (placement: fit's ``shard_batch`` and ``step_fn``), restored from
+    ``ckpt``."""
     from flaxgpt.finetune.trainable import label_params, partition_optimizer, trainable_patterns
     from flaxgpt.io.checkpoint import restore_checkpoint
     from flaxgpt.nn.model import GPTModel
@@ -202,11 +214,20 @@ def _train_state(s: dict[str, Any], cfg: Any, params: Any, key: Any, ckpt: Path 
         except ValueError as e:
             raise CLIError(str(e)) from e
         state = create_train_state(GPTModel(cfg), params, partition_optimizer(adam, labels))
+    place: dict[str, Any] = {}
+    if multi:  # data parallel over every process's devices
+        import jax
+
+        from flaxgpt.training.placement import fit_placement
+
+        state, place["shard_batch"], place["step_fn"] = fit_placement(
+            state, f"data={jax.device_count()}", s["batch_size"], task)
     if ckpt is None:
-        return cfg, labels, state, key, None
+        return cfg, labels, state, key, None, place
     state, meta = restore_checkpoint(ckpt, state)
     print(f"resuming {meta['path']} (step {meta['step']}, epoch {meta['epoch'] + 1})")
-    return cfg, labels, state, meta["key"], Position(meta["epoch"], meta["batch_index"], meta["tokens_seen"])
+    start = Position(meta["epoch"], meta["batch_index"], meta["tokens_seen"])
+    return cfg, labels, state, meta["key"], start, place
 
 
 def _lora_state(s: dict[str, Any], cfg: Any, params: Any, key: Any, tx: Any) -> tuple[Any, Any]:
@@ -256,45 +277,62 @@ def _describe(sizes: dict[str, int], s: dict[str, Any]) -> str:
 
 def _save_adapters(out: Path, s: dict[str, Any], state: Any, extra: dict[str, Any]) -> str:
     """Writes a LoRA run's adapters alone to ``OUT/adapters`` (nothing without LoRA); the note to print."""
+    import jax
+
     from flaxgpt.cli.train import _write_errors
     from flaxgpt.io.adapters import save_lora
 
     if not s["lora_rank"]:
         return ""
+    lora = state.params["lora"]
+    if jax.process_count() > 1:  # the adapters are sharded over the processes: every process gathers them
+        from jax.experimental import multihost_utils
+
+        lora = multihost_utils.process_allgather(lora, tiled=True)
+        if jax.process_index():
+            return ""
     with _write_errors(out):
-        save_lora(out / "adapters", state.params["lora"], targets=s["lora_targets"],
+        save_lora(out / "adapters", lora, targets=s["lora_targets"],
                   base={"config": state.model.cfg.to_dict(), "source": extra["lora"]["base"]})
     return ", adapters/"
 
 
 def _fit(s: dict[str, Any], state: Any, loaders: dict[str, Any], key: Any, start: Any, out: Path,
-         tok_name: str, task: Any, extra: dict[str, Any], **sample: Any) -> Any:
-    """fit with a progress bar and the run's settings; None after a non-finite loss (reported)."""
+         tok_name: str, task: Any, extra: dict[str, Any], job: tuple[argparse.Namespace, dict[str, Any]],
+         **sample: Any) -> Any:
+    """fit with a progress bar and the run's settings; None after a non-finite loss (reported). ``job`` is the
+    options and the placement of :func:`_train_state`."""
+    from flaxgpt.cli.processes import step_watchdog
     from flaxgpt.cli.train import _write_errors
     from flaxgpt.training.loop import NonFiniteLossError, fit
     from flaxgpt.training.progress import ProgressBar
 
     total = s["epochs"] * len(loaders["train"]) if not s["max_steps"] else s["max_steps"]
     sample = sample or {"sample_tokens": 0}
-    try:
-        with ProgressBar(total, int(state.step), 1, start.tokens_seen if start else 0) as bar, _write_errors(out):
+    args, place = job
+    with ProgressBar(total, int(state.step), 1, start.tokens_seen if start else 0) as bar, \
+            step_watchdog(args, bool(place)) as beat, _write_errors(out):
+        try:
             return fit(state, loaders["train"], loaders["validation"], key=key, num_epochs=s["epochs"],
                        eval_freq=s["eval_freq"], eval_iter=s["eval_iter"], max_steps=s["max_steps"] or None,
                        run_dir=out, checkpoint_every=s["checkpoint_every"], keep_checkpoints=s["keep_checkpoints"],
-                       start=start, tokenizer_name=tok_name, task=task, callback=bar, checkpoint_extra=extra,
-                       **sample)
-    except NonFiniteLossError as e:
-        print(f"flaxgpt finetune: error: {e}", file=sys.stderr)
-        return None
+                       start=start, tokenizer_name=tok_name, task=task, callback=lambda e, i: (bar(e, i), beat()),
+                       checkpoint_extra=extra, checkpoint_format=args.fmt,
+                       async_checkpoints=bool(getattr(args, "async_checkpoints", False)), **place, **sample)
+        except NonFiniteLossError as e:
+            print(f"flaxgpt finetune: error: {e}", file=sys.stderr)
+            return None
 
 
 def _write_config(out: Path, cfg: Any, s: dict[str, Any], tok_name: str, extra: dict[str, Any]) -> None:
     from flaxgpt.cli.train import _write_errors
+    from flaxgpt.distributed import is_primary
     from flaxgpt.files import write_json
 
     with _write_errors(out):
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", {"model": cfg.to_dict(), "finetune": s, "tokenizer": tok_name, **extra})
+        if is_primary():
+            write_json(out / "config.json", {"model": cfg.to_dict(), "finetune": s, "tokenizer": tok_name, **extra})
 
 
 def _exit_status(result: Any) -> int:
@@ -310,7 +348,25 @@ def run(args: argparse.Namespace) -> int:
     Returns:
       The exit status (0; 1 after a non-finite loss; 130/143 after SIGINT/SIGTERM).
     """
+    from flaxgpt.cli.processes import start_processes
+
+    args.multi = start_processes(args)  # before any other JAX call
     return _run_instruct(args) if getattr(args, "task", "classify") == "instruct" else _run_classify(args)
+
+
+def _job_setup(args: argparse.Namespace, out: Path, loaders: dict[str, Any]) -> None:
+    """On several processes each loader yields this process's share; the run's checkpoint format."""
+    import jax
+
+    from flaxgpt.io.runs import run_checkpoint_format
+
+    if args.multi:
+        for loader in loaders.values():
+            loader.for_process(jax.process_index(), jax.process_count())
+    try:
+        args.fmt = run_checkpoint_format(out, getattr(args, "checkpoint_format", None) or "auto")
+    except ValueError as e:
+        raise CLIError(str(e)) from e
 
 
 # --------------------------------------------------------------------------- classify
@@ -337,6 +393,7 @@ def _run_classify(args: argparse.Namespace) -> int:
     import jax
 
     from flaxgpt.cli.train import _write_errors
+    from flaxgpt.distributed import is_primary
     from flaxgpt.files import write_json
     from flaxgpt.finetune.classify import ClassificationTask, to_classifier
     from flaxgpt.text.tokenizers import get_tokenizer
@@ -351,10 +408,11 @@ def _run_classify(args: argparse.Namespace) -> int:
     data = _classify_data(s, tok, cfg.context_length)
     head_key, key = jax.random.split(jax.random.key(s["seed"]))
     cfg, params = to_classifier(cfg, params, data["num_classes"], head_key)
-    cfg, labels, state, key, start = _train_state(s, cfg, params, key, ckpt)
-    sizes = _sizes(state, labels)
     task = ClassificationTask(s["pool"])
     loaders = data["loaders"]
+    _job_setup(args, out, loaders)
+    cfg, labels, state, key, start, place = _train_state(s, cfg, params, key, ckpt, task, args.multi)
+    sizes = _sizes(state, labels)
     classifier = {"max_length": data["max_length"], "pool": s["pool"], "pad_token_id": int(tok.eot_token),
                   "labels": list(SMS_LABELS) if s["data"] == "sms-spam" else None}
     extra = {"classifier": classifier, **_lora_extra(s, state, _source(args))}
@@ -363,18 +421,19 @@ def _run_classify(args: argparse.Namespace) -> int:
           f"{len(loaders['train'])} / {len(loaders['validation'])} / {len(loaders['test'])} batches of "
           f"{s['batch_size']} (width {data['max_length']}); out {out}")
     t0 = time.perf_counter()
-    result = _fit(s, state, loaders, key, start, out, tok_name, task, extra)
+    result = _fit(s, state, loaders, key, start, out, tok_name, task, extra, (args, place))
     if result is None:
         return 1
-    accuracies = {name: evaluate_metrics(result.state, loader, task, None, None)["accuracy"]
+    accuracies = {name: evaluate_metrics(result.state, loader, task, None, place.get("shard_batch"))["accuracy"]
                   for name, loader in loaders.items()}
     with _write_errors(out):
         run_dir = RunDir(out)
         run_dir.plot(seen="Examples seen")
         run_dir.plot(metric="accuracy", seen="Examples seen")
-        write_json(out / "results.json", {"accuracy": accuracies, "updates": result.updates,
-                                          "stopped": result.stopped, "time_s": round(time.perf_counter() - t0, 1),
-                                          **sizes})
+        if is_primary():
+            write_json(out / "results.json", {"accuracy": accuracies, "updates": result.updates,
+                                              "stopped": result.stopped, "time_s": round(time.perf_counter() - t0, 1),
+                                              **sizes})
     adapters = _save_adapters(out, s, result.state, extra)
     print(f"{result.stopped} after {result.updates} updates in {time.perf_counter() - t0:.1f}s: accuracy "
           + ", ".join(f"{k} {100 * v:.2f}%" for k, v in accuracies.items()))
@@ -415,6 +474,7 @@ def _run_instruct(args: argparse.Namespace) -> int:
 
     from flaxgpt.cli.train import _write_errors
     from flaxgpt.data.instructions import format_input
+    from flaxgpt.distributed import is_primary
     from flaxgpt.files import write_json
     from flaxgpt.finetune.instruct import INSTRUCT, instruct_metadata
     from flaxgpt.text.tokenizers import get_tokenizer
@@ -428,7 +488,9 @@ def _run_instruct(args: argparse.Namespace) -> int:
     tok = get_tokenizer(tok_name)
     data = _instruct_data(s, tok, cfg.context_length)
     loaders = data["loaders"]
-    cfg, labels, state, key, start = _train_state(s, cfg, params, jax.random.key(s["seed"]), ckpt)
+    _job_setup(args, out, loaders)
+    cfg, labels, state, key, start, place = _train_state(s, cfg, params, jax.random.key(s["seed"]), ckpt, INSTRUCT,
+                                                         args.multi)
     sizes = _sizes(state, labels)
     extra = {**instruct_metadata(s["mask_instruction"], int(tok.eot_token), data=s["data"]),
              **_lora_extra(s, state, _source(args))}
@@ -439,21 +501,22 @@ def _run_instruct(args: argparse.Namespace) -> int:
           f"{s['batch_size']}; out {out}")
     initial = None
     if ckpt is None:  # the book prints both losses of the pretrained model over 5 batches first
-        initial = {n: evaluate_metrics(state, loaders[n], INSTRUCT, s["eval_iter"])["loss"]
+        initial = {n: evaluate_metrics(state, loaders[n], INSTRUCT, s["eval_iter"], place.get("shard_batch"))["loss"]
                    for n in ("train", "validation")}
         print(f"initial: train loss {initial['train']:.3f}, validation loss {initial['validation']:.3f}")
     t0 = time.perf_counter()
-    result = _fit(s, state, loaders, key, start, out, tok_name, INSTRUCT, extra, tokenizer=tok,
+    result = _fit(s, state, loaders, key, start, out, tok_name, INSTRUCT, extra, (args, place), tokenizer=tok,
                   sample_tokens=s["sample_tokens"], start_context=format_input(data["splits"]["validation"][0]))
     if result is None:
         return 1
-    final = {n: evaluate_metrics(result.state, loaders[n], INSTRUCT, s["eval_iter"])["loss"]
+    final = {n: evaluate_metrics(result.state, loaders[n], INSTRUCT, s["eval_iter"], place.get("shard_batch"))["loss"]
              for n in ("train", "validation", "test")}
     with _write_errors(out):
         RunDir(out).plot()
-        write_json(out / "results.json", {"initial_loss": initial, "loss": final, "updates": result.updates,
-                                          "stopped": result.stopped, "time_s": round(time.perf_counter() - t0, 1),
-                                          **sizes})
+        if is_primary():
+            write_json(out / "results.json", {"initial_loss": initial, "loss": final, "updates": result.updates,
+                                              "stopped": result.stopped, "time_s": round(time.perf_counter() - t0, 1),
+                                              **sizes})
     adapters = _save_adapters(out, s, result.state, extra)
     print(f"{result.stopped} after {result.updates} updates in {time.perf_counter() - t0:.1f}s: loss "
           + ", ".join(f"{k} {v:.3f}" for k, v in final.items()) + f" (over {s['eval_iter']} batches)")

@@ -97,7 +97,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--mesh", metavar="SPEC",
                    help="train on several devices with JAX sharding: 'data=8' (data parallel), "
                    "'data=2,fsdp=4' (+ fully sharded params); sizes multiply to the device count "
-                   "(default: one device)")
+                   "(default: one device; on several processes data=<every device>)")
+    from flaxgpt.cli.processes import add_process_args
+
+    add_process_args(p)
     p.set_defaults(func=run)
 
 
@@ -111,6 +114,7 @@ def _text_name(text: str) -> str:
 def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Path, Path | None, Any, str | None]:
     """Merges explicit options, the resumed run's saved options, and the defaults."""
     from flaxgpt.io.checkpoint import resolve_checkpoint
+    from flaxgpt.io.runs import run_of_checkpoint
 
     given = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k, None) is not None}
     saved_model = saved_sha = ckpt = None
@@ -128,7 +132,7 @@ def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Path, Path | Non
         settings = {**DEFAULTS, **{k: v for k, v in saved.items() if k in DEFAULTS}, **given}
         saved_model = meta["config"]
         saved_sha = meta.get("extra", {}).get("text_sha256")
-        out = Path(args.out) if args.out else ckpt.parent.parent
+        out = Path(args.out) if args.out else run_of_checkpoint(ckpt)
     else:
         settings = {**DEFAULTS, **given}
         out = Path(args.out) if args.out else Path("runs") / _text_name(settings["text"])
@@ -278,20 +282,24 @@ def _optimizer(s: dict[str, Any], n_batches: int) -> tuple[Any, int, int | None]
     return tx, total, max_steps
 
 
-def _initial_state(cfg: Any, tx: Any, seed: int, ckpt: Path | None) -> tuple[Any, Any, Any]:
-    """(state, key, start position): fresh from the seed, or restored from the checkpoint."""
+def _initial_state(cfg: Any, tx: Any, seed: int) -> tuple[Any, Any]:
+    """(fresh state, run key) from the seed."""
     import jax
 
-    from flaxgpt.io.checkpoint import restore_checkpoint
     from flaxgpt.nn.model import GPTModel
     from flaxgpt.nn.params import init_params
-    from flaxgpt.training.run_dir import Position
     from flaxgpt.training.state import create_train_state
 
     init_key, key = jax.random.split(jax.random.key(seed))
-    state = create_train_state(GPTModel(cfg), init_params(cfg, init_key), tx)
-    if ckpt is None:
-        return state, key, None
+    return create_train_state(GPTModel(cfg), init_params(cfg, init_key), tx), key
+
+
+def _restore(state: Any, ckpt: Path) -> tuple[Any, Any, Any]:
+    """(state, key, start position) restored from ``ckpt`` onto ``state``'s placement (any format; an orbax
+    checkpoint is resharded onto the state's mesh, whatever mesh wrote it)."""
+    from flaxgpt.io.checkpoint import restore_checkpoint
+    from flaxgpt.training.run_dir import Position
+
     state, meta = restore_checkpoint(ckpt, state)
     print(f"resuming {meta['path']} (step {meta['step']}, epoch {meta['epoch'] + 1})")
     return state, meta["key"], Position(meta["epoch"], meta["batch_index"], meta["tokens_seen"])
@@ -345,7 +353,9 @@ def _setup(args: argparse.Namespace) -> tuple[dict[str, Any], Path, Path | None,
         from flaxgpt.training.placement import check_mesh
 
         check_mesh(args.mesh, s["batch_size"])  # fail on a bad --mesh before any work
-    if ckpt is None and any((out / "checkpoints").glob("step_*")):
+    from flaxgpt.io.runs import has_checkpoints
+
+    if ckpt is None and has_checkpoints(out):
         raise CLIError(f"{out} already holds checkpoints: pass --resume to continue it, or another --out")
     tok, s["tokenizer"] = _tokenizer(s["tokenizer"])
     cfg = _model_config(args, s, saved_model)
@@ -356,46 +366,71 @@ def _setup(args: argparse.Namespace) -> tuple[dict[str, Any], Path, Path | None,
 
 
 def run(args: argparse.Namespace) -> int:
+    from flaxgpt.cli.processes import start_processes
+
+    multi = start_processes(args)  # before any other JAX call
+    if multi and args.mesh is None:
+        import jax
+
+        args.mesh = f"data={jax.device_count()}"
+    return _run(args, multi)
+
+
+def _run(args: argparse.Namespace, multi: bool) -> int:
+    import jax
+
+    from flaxgpt.cli.processes import step_watchdog
     from flaxgpt.files import write_json
+    from flaxgpt.io.runs import run_checkpoint_format
     from flaxgpt.nn.params import count_params
     from flaxgpt.training.loop import NonFiniteLossError, fit
     from flaxgpt.training.progress import ProgressBar
     from flaxgpt.training.run_dir import RunDir
 
     s, out, ckpt, cfg, tok, data = _setup(args)
+    if multi:  # each process loads its share of every global batch
+        for loader in (data.train_loader, data.val_loader):
+            loader.for_process(jax.process_index(), jax.process_count())
+    fmt = run_checkpoint_format(out, getattr(args, "checkpoint_format", None) or "auto")
     tx, total, max_steps = _optimizer(s, len(data.train_loader))
-    state, key, start = _initial_state(cfg, tx, s["seed"], ckpt)
-    shard_batch = step_fn = None
+    state, key = _initial_state(cfg, tx, s["seed"])
+    start = shard_batch = step_fn = None
     if args.mesh is not None:  # state, batches and step sharded over the mesh
         from flaxgpt.training.placement import fit_placement
 
         state, shard_batch, step_fn = fit_placement(state, args.mesh, s["batch_size"])
+    if ckpt is not None:
+        state, key, start = _restore(state, ckpt)
     train_args = {k: s[k] for k in DEFAULTS}
     config = {"model": cfg.to_dict(), "train": train_args, "tokenizer": s["tokenizer"], "text_sha256": data.text_sha}
     with _write_errors(out):
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / CONFIG_FILE, config)
+        if jax.process_index() == 0:
+            write_json(out / CONFIG_FILE, config)
+    procs = f"; {jax.process_count()} processes, mesh {args.mesh}" if multi else ""
     print(
         f"model: {count_params(state.params) / 1e6:.1f}M params (emb {cfg.emb_dim}, {cfg.n_layers} layers, "
         f"{cfg.n_heads} heads, context {cfg.context_length}); text {s['text']}: {data.train_tokens:,} train / "
-        f"{data.val_tokens:,} val tokens, {len(data.train_loader)} batches of {s['batch_size']} per epoch; out {out}"
+        f"{data.val_tokens:,} val tokens, {len(data.train_loader)} batches of {s['batch_size']} per epoch; "
+        f"out {out}{procs}"
     )
     done = int(state.step) // s["accumulate_steps"]
     t0 = time.perf_counter()
     try:
         with ProgressBar(total, done, s["accumulate_steps"], start.tokens_seen if start else 0) as bar, \
-                _write_errors(out):
+                step_watchdog(args, multi) as beat, _write_errors(out):
             result = fit(
                 state, data.train_loader, data.val_loader, key=key, num_epochs=s["epochs"],
                 eval_freq=s["eval_freq"], eval_iter=s["eval_iter"], max_steps=max_steps, tokenizer=tok,
                 start_context=s["start_context"], run_dir=out, checkpoint_every=s["checkpoint_every"],
                 keep_checkpoints=s["keep_checkpoints"], start=start, accumulate_steps=s["accumulate_steps"],
                 tokenizer_name=s["tokenizer"], checkpoint_extra={"train_args": train_args, "text_sha256": data.text_sha},
-                callback=bar, shard_batch=shard_batch, step_fn=step_fn,
+                callback=lambda event, info: (bar(event, info), beat()), shard_batch=shard_batch, step_fn=step_fn,
+                checkpoint_format=fmt, async_checkpoints=bool(getattr(args, "async_checkpoints", False)),
             )
     except NonFiniteLossError as e:
         print(f"flaxgpt train: error: {e}", file=sys.stderr)
         return 1
     with _write_errors(out):
-        RunDir(out).plot()
-    return _report(result, RunDir(out), time.perf_counter() - t0, tok, s)
+        RunDir(out, checkpoint_format=fmt).plot()
+    return _report(result, RunDir(out, checkpoint_format=fmt), time.perf_counter() - t0, tok, s)

@@ -96,6 +96,10 @@ class DataLoader:
     shuffling (else `0..n-1`), so `batches(e, start)` reproduces any epoch from any batch.
     `epoch` is the epoch the next `iter()` runs; `iter()` increments it immediately.
 
+    On several processes (:meth:`for_process`) each process yields only its share of every batch: rows
+    ``[i * B / P, (i + 1) * B / P)`` of the same global batch, so the global batches and their order are those
+    of one process.
+
     Args:
       dataset: the windows.
       batch_size: windows per batch B.
@@ -125,6 +129,31 @@ class DataLoader:
         self.drop_last = bool(drop_last)
         self.seed = seed
         self._epoch = 0
+        self.process_index, self.process_count = 0, 1
+
+    def for_process(self, index: int, count: int) -> DataLoader:
+        """Makes this loader yield process ``index``'s share of each batch, of ``count`` processes.
+
+        Args:
+          index: the process index, in ``[0, count)``.
+          count: the number of processes; must divide the batch size, and with more than one process the
+            last partial batch is dropped (``drop_last``: every process needs an equal share).
+
+        Returns:
+          ``self``.
+        """
+        count = check_int("count", count, 1)
+        index = check_int("index", index, 0, count)
+        if self.batch_size % count:
+            raise ValueError(f"batch size {self.batch_size} does not split over {count} processes: use a multiple "
+                             f"of {count}")
+        if count > 1 and not self.drop_last:
+            self.drop_last = True
+            if len(self) == 0:
+                raise ValueError(f"the dataset has {len(self.dataset)} windows, fewer than one batch of "
+                                 f"{self.batch_size}; on several processes every batch must be full")
+        self.process_index, self.process_count = index, count
+        return self
 
     @classmethod
     def from_token_ids(
@@ -189,8 +218,13 @@ class DataLoader:
 
     def _generate(self, order: np.ndarray, start: int, n_batches: int) -> Iterator[Batch]:
         b = self.batch_size
+        share = b // self.process_count
+        lo = self.process_index * share
         for i in range(start, n_batches):
-            yield self.dataset.get_batch(order[i * b : (i + 1) * b])  # (B, L), (B, L)
+            rows = order[i * b : (i + 1) * b]  # (B,) the global batch
+            if self.process_count > 1:
+                rows = rows[lo : lo + share]  # (B / P,) this process's share
+            yield self.dataset.get_batch(rows)  # (B, L), (B, L)
 
     def __iter__(self) -> Iterator[Batch]:
         epoch = self._epoch

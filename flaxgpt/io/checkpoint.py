@@ -51,8 +51,8 @@ from flaxgpt.io.checkpoint_dir import (
     prune_checkpoints,
     publish_checkpoint,
     read_meta,
-    resolve_checkpoint,
 )
+from flaxgpt.io.checkpoint_dir import resolve_checkpoint as _resolve_safetensors
 from flaxgpt.io.safetensors_io import check_finite
 from flaxgpt.nn.lora import LoRA, check_lora, is_lora_train_params, merge_lora
 from flaxgpt.pytree import flatten_with_names, unflatten_dict
@@ -209,6 +209,33 @@ def _with_lora_settings(state: Any, extra: Mapping[str, Any] | None) -> dict[str
 # --------------------------------------------------------------------------- restore
 
 
+def _is_orbax(path: str | os.PathLike[str]) -> bool:
+    """A sharded orbax run or step folder (:mod:`flaxgpt.io.orbax_checkpoint`) rather than this format's."""
+    from flaxgpt.io.orbax_dir import is_orbax_run
+
+    return is_orbax_run(path)
+
+
+def resolve_checkpoint(path: str | os.PathLike[str], verify: bool = True) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint to load and its metadata: ``path`` itself when it is a checkpoint folder, else the newest
+    one of the run directory ``path`` that passes verification (the previous one, with a warning line, when
+    the newest does not). Either format: this module's (``checkpoints/step_*``) or sharded orbax
+    (``orbax/<step>``, :func:`flaxgpt.io.orbax_checkpoint.resolve_orbax_checkpoint`).
+
+    Args:
+      path: a checkpoint folder, a run directory, or a run's ``checkpoints`` folder.
+      verify: check the tensor data's size and SHA-256 (metadata is always checked).
+
+    Returns:
+      (checkpoint folder, its metadata).
+    """
+    if _is_orbax(path):
+        from flaxgpt.io.orbax_checkpoint import resolve_orbax_checkpoint
+
+        return resolve_orbax_checkpoint(path)
+    return _resolve_safetensors(path, verify)
+
+
 def _read_tensors(ckpt: Path, meta: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
     dtypes = {leaf["name"]: leaf["dtype"] for leaf in meta["leaves"]}
     out = {}
@@ -244,8 +271,13 @@ def restore_checkpoint(path: str | os.PathLike[str], template: Any) -> tuple[Any
 
     Returns:
       (restored state, metadata); ``metadata["key"]`` is the PRNG key as a key array and
-      ``metadata["path"]`` the folder loaded.
+      ``metadata["path"]`` the folder loaded. A sharded orbax run restores onto the template's shardings,
+      whatever mesh wrote it (:func:`flaxgpt.io.orbax_checkpoint.restore_orbax_checkpoint`).
     """
+    if _is_orbax(path):
+        from flaxgpt.io.orbax_checkpoint import restore_orbax_checkpoint
+
+        return restore_orbax_checkpoint(path, template)
     ckpt, meta = resolve_checkpoint(path)
     flat = _read_tensors(ckpt, meta)
     names, leaves, treedef = _flatten(template)
@@ -290,6 +322,10 @@ def load_model_from_checkpoint(
     Raises:
       ValueError: a parameter holds NaN or inf (named, with the count), unless ``allow_non_finite``.
     """
+    if _is_orbax(path):  # a sharded run: its params, gathered onto this process's default device
+        from flaxgpt.io.orbax_checkpoint import load_model_from_orbax
+
+        return load_model_from_orbax(path, dtype=dtype, allow_non_finite=allow_non_finite)
     ckpt, meta = resolve_checkpoint(path)
     cfg = GPTConfig.from_dict(meta["config"])  # checked by read_meta
     flat = _read_tensors(ckpt, meta, prefix="params/")

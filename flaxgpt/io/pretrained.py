@@ -30,6 +30,7 @@ from flaxgpt.io.checkpoint import CHECKPOINTS, META_FILE, load_model_from_checkp
 from flaxgpt.io.hf import config_from_hf, config_to_hf, hf_tensors, params_from_hf
 from flaxgpt.io.hub import CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, local_or_download
 from flaxgpt.io.mapping import Params
+from flaxgpt.io.orbax_dir import is_orbax_run
 from flaxgpt.io.safetensors_io import PICKLE_SUFFIXES, SafetensorsReader, pickle_error, write_safetensors
 
 __all__ = [
@@ -238,6 +239,8 @@ def detect_format(source: PathLike) -> str:
     path = Path(source).expanduser()
     if path.is_dir():
         if (path / META_FILE).is_file() or (path / CHECKPOINTS).is_dir() or path.name == CHECKPOINTS:
+            return "checkpoint"
+        if is_orbax_run(path):  # a sharded run (several processes): flaxgpt.io.orbax_checkpoint
             return "checkpoint"
         return "hf"
     if path.is_file() and path.suffix == ".safetensors":

@@ -116,6 +116,7 @@ class _Loop:
         self.micro = int(state.step)
         self.updates = self.micro // opts.accumulate_steps
         self.epoch, self.first_batch, self.tokens_seen = start.epoch, start.batch_index, start.tokens_seen
+        self.processes = jax.process_count()
         if self.first_batch >= self.n_batches:
             self.epoch, self.first_batch = self.epoch + 1, 0
         kept = run.open(self.updates)
@@ -177,7 +178,7 @@ class _Loop:
         if not math.isfinite(loss):
             raise NonFiniteLossError(self.non_finite_message(loss, b))
         self.micro += 1
-        self.tokens_seen += self.task.count(batch)
+        self.tokens_seen += self.task.count(batch) * self.processes  # each process holds 1/P of the batch
         boundary = self.micro % self.opts.accumulate_steps == 0
         if boundary:
             self.updates += 1
@@ -260,6 +261,8 @@ def fit(
     step_fn: Callable[..., tuple[TrainState, jax.Array]] | None = None,
     handle_signals: bool = True,
     task: Task | None = None,
+    checkpoint_format: str = "auto",
+    async_checkpoints: bool = False,
 ) -> FitResult:
     """The book's ``train_model_simple``, for any task, with checkpoints, exact resume and a NaN guard.
 
@@ -296,6 +299,10 @@ def fit(
         tuple batch's elements, then the key); default :func:`~flaxgpt.training.state.make_train_step`.
       handle_signals: catch SIGINT/SIGTERM (main thread only) and stop cleanly with a checkpoint.
       task: the loss and metrics of a batch (default :class:`flaxgpt.training.tasks.PretrainTask`).
+      checkpoint_format: "safetensors", "orbax" (sharded; every process writes its shards) or "auto" (orbax
+        on several processes); see :class:`RunDir`.
+      async_checkpoints: orbax checkpoints are written in the background while training goes on (fit waits
+        for the last one before it returns).
 
     Returns:
       A :class:`FitResult`.
@@ -313,8 +320,12 @@ def fit(
     vocab_size = state.model.cfg.vocab_size
     task.check_loader(train_loader, vocab_size, "training")
     task.check_loader(val_loader, vocab_size, "validation")
-    run = RunDir(run_dir, checkpoint_every, keep_checkpoints, tokenizer_name, checkpoint_extra)
+    run = RunDir(run_dir, checkpoint_every, keep_checkpoints, tokenizer_name, checkpoint_extra,
+                 checkpoint_format=checkpoint_format, async_save=async_checkpoints)
     loop = _Loop(state, (train_loader, val_loader), key, task, opts, run, start or Position(),
                  placer(shard_batch), stepper(task, step_fn), callback or (lambda event, info: None))
     with _stop_on_signals(handle_signals) as stop:
-        return loop.run_all(stop)
+        try:
+            return loop.run_all(stop)
+        finally:
+            run.finish()  # asynchronous checkpoints: written before fit returns

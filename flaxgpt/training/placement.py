@@ -58,7 +58,8 @@ def check_mesh(mesh_spec: str, batch_size: int) -> dict[str, int]:
 
     Args:
       mesh_spec: e.g. ``"data=2,fsdp=4"``.
-      batch_size: the batch size per host (the global batch is this times ``jax.process_count()``).
+      batch_size: the global batch size (on several processes each loads ``batch_size / process_count`` rows
+        of it: :meth:`flaxgpt.data.windows.DataLoader.for_process`).
 
     Returns:
       The axis sizes, as :func:`parse_mesh_spec`.
@@ -69,7 +70,9 @@ def check_mesh(mesh_spec: str, batch_size: int) -> dict[str, int]:
     """
     sizes = parse_mesh_spec(mesh_spec)
     shards = math.prod(sizes[a] for a in BATCH_AXES)
-    global_batch = batch_size * jax.process_count()
+    global_batch = batch_size
+    if global_batch % jax.process_count():
+        raise ValueError(f"batch size {global_batch} does not split over {jax.process_count()} processes")
     if global_batch % shards:
         raise ValueError(
             f"batch size {global_batch} is not divisible by the {shards} batch shards of mesh "
@@ -86,7 +89,7 @@ def fit_placement(
     Args:
       state: the train state (fresh or restored), on one device or on the host.
       mesh_spec: the ``--mesh`` value, e.g. ``"data=2,fsdp=4"``.
-      batch_size: the training batch size (per host on several hosts), checked by :func:`check_mesh`.
+      batch_size: the global training batch size, checked by :func:`check_mesh`.
       task: the task (default: pretraining, whose step is compiled for the mesh's shardings; other tasks'
         steps are jitted on the placed state and batches, and follow their shardings).
 

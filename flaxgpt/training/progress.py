@@ -38,7 +38,10 @@ class ProgressBar:
     def __enter__(self) -> ProgressBar:
         from tqdm.auto import tqdm
 
-        self._bar = tqdm(total=self.total, initial=self.initial, unit="step", dynamic_ncols=True, file=sys.stderr)
+        from flaxgpt.distributed import is_primary
+
+        self._bar = tqdm(total=self.total, initial=self.initial, unit="step", dynamic_ncols=True, file=sys.stderr,
+                         disable=not is_primary())  # on several processes, process 0 shows the bar
         root = logging.getLogger()
         self._handlers = root.handlers[:]
         handler = _TqdmHandler()

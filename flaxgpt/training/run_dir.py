@@ -20,6 +20,7 @@ from typing import Any
 
 from safetensors import SafetensorError
 
+from flaxgpt.distributed import is_primary, process_count
 from flaxgpt.io.checkpoint import list_checkpoints, save_checkpoint
 from flaxgpt.training.metrics import METRICS_FILE, append_metrics, read_metrics, truncate_metrics
 
@@ -62,6 +63,11 @@ class RunDir:
       extra: more checkpoint metadata (e.g. the training arguments).
       last_saved: the update count of the newest checkpoint written or resumed from (None: none).
       last_checkpoint: the newest checkpoint written by this object.
+      checkpoint_format: "safetensors" (one process: ``checkpoints/step_*``), "orbax" (sharded, every process
+        writing its shards: ``orbax/<step>``), or "auto": orbax on several processes, else safetensors.
+
+    On several processes every process calls every method (a checkpoint is a collective), but only process 0
+    writes metrics.jsonl and the figures.
     """
 
     path: Path | None
@@ -71,9 +77,16 @@ class RunDir:
     extra: dict[str, Any] | None = None
     last_saved: int | None = None
     last_checkpoint: Path | None = None
+    checkpoint_format: str = "auto"
+    async_save: bool = False
 
     def __post_init__(self) -> None:
         self.path = Path(self.path) if self.path is not None else None
+        if self.checkpoint_format not in ("auto", "safetensors", "orbax"):
+            raise ValueError(f'checkpoint_format must be "auto", "safetensors" or "orbax", got {self.checkpoint_format!r}')
+        if self.checkpoint_format == "auto":
+            self.checkpoint_format = "orbax" if process_count() > 1 else "safetensors"
+        self.primary = is_primary()
 
     @property
     def metrics_path(self) -> Path | None:
@@ -98,6 +111,8 @@ class RunDir:
         """
         if self.path is None:
             return []
+        if not self.primary:
+            return [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= updates]
         with self._writing(self.path):
             self.path.mkdir(parents=True, exist_ok=True)
             return truncate_metrics(self.metrics_path, updates)
@@ -108,7 +123,7 @@ class RunDir:
         Args:
           record: JSON-serialisable values.
         """
-        if self.path is not None:
+        if self.path is not None and self.primary:
             with self._writing(self.metrics_path):
                 append_metrics(self.metrics_path, record)
 
@@ -135,6 +150,17 @@ class RunDir:
         """
         if self.path is None:
             return None
+        if self.checkpoint_format == "orbax":
+            from flaxgpt.io.orbax_checkpoint import save_orbax_checkpoint  # orbax is imported only when used
+
+            with self._writing(self.path):
+                path = save_orbax_checkpoint(
+                    self.path, state, step=step, key=key, config=config, epoch=position.epoch,
+                    batch_index=position.batch_index, seed=seed, tokens_seen=position.tokens_seen,
+                    tokenizer=self.tokenizer_name, extra=self.extra, keep=self.keep, async_save=self.async_save,
+                )
+            self.last_saved, self.last_checkpoint = step, path
+            return path
         ckpt_dir = self.path / CHECKPOINTS
         existed = ckpt_dir.is_dir()
         try:
@@ -150,6 +176,14 @@ class RunDir:
         self.last_saved, self.last_checkpoint = step, path
         return path
 
+    def finish(self) -> None:
+        """Waits until every checkpoint started is written (asynchronous orbax saves); a no-op otherwise."""
+        if self.checkpoint_format == "orbax" and self.path is not None:
+            from flaxgpt.io.orbax_checkpoint import wait_orbax_checkpoints
+
+            with self._writing(self.path):
+                wait_orbax_checkpoints()
+
     @staticmethod
     def _remove_leftovers(ckpt_dir: Path, existed: bool) -> None:
         """After a failed save: this process's temporary folders, and the checkpoints folder if it was
@@ -164,7 +198,13 @@ class RunDir:
 
     def checkpoints(self) -> list[Path]:
         """The run's complete checkpoints, oldest first (empty without a path)."""
-        return list_checkpoints(self.path) if self.path is not None else []
+        if self.path is None:
+            return []
+        if self.checkpoint_format == "orbax":
+            from flaxgpt.io.orbax_checkpoint import list_orbax_checkpoints
+
+            return list_orbax_checkpoints(self.path)
+        return list_checkpoints(self.path)
 
     def plot(self, path: str | os.PathLike[str] | None = None, metric: str = "loss", seen: str = "Tokens seen") -> Path | None:
         """Draws metrics.jsonl as the book's figure of one metric (the loss by default).
@@ -177,7 +217,7 @@ class RunDir:
         Returns:
           The image written, or None when there is no run folder or no evaluation yet.
         """
-        if self.path is None:
+        if self.path is None or not self.primary:
             return None
         from flaxgpt.training.plotting import plot_metrics
 
