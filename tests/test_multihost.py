@@ -159,3 +159,31 @@ def test_a_two_process_checkpoint_resumes_on_another_mesh(text: Path, two, refer
     assert r.returncode == 0, r.stderr[-3000:]
     want, got = _metrics(reference), _metrics(out)
     _close(got, want, [s for s in want if s > EVERY])
+
+
+def test_finetune_classify_on_two_processes(text: Path, data_csv: Path, tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    r = _one(text, base, 1, "--max-steps", "2", "--checkpoint-every", "0")
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    def argv(out: Path) -> list[str]:
+        return [sys.executable, "-m", "flaxgpt", "finetune", "classify", "--checkpoint", str(base), "--data",
+                str(data_csv), "--out", str(out), "--batch-size", "8", "--eval-freq", "2", "--eval-iter", "1",
+                "--lr", "1e-3", "--epochs", "1", "--max-steps", "4", "--lora-rank", "2"]
+
+    one = subprocess.run(argv(tmp_path / "one"), env=_env(1), capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert one.returncode == 0, one.stderr[-3000:]
+    port = _free_port()
+    procs = [subprocess.Popen(argv(tmp_path / "two") + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                                                        "--process-id", str(i), "--step-timeout", "60"],
+                              env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for i, (rc, _, err) in enumerate(_wait(procs)):
+        assert rc == 0, f"process {i}: {err[-3000:]}"
+    want, got = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert sorted(got) == sorted(want)
+    for step in want:  # the training loss of the same global batches (evaluations read full batches only)
+        assert got[step][0] == pytest.approx(want[step][0], abs=1e-5)
+    assert (tmp_path / "two" / "adapters" / "lora.json").is_file()  # gathered from both processes
+    results = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert results["trainable_params"] == json.loads((tmp_path / "one" / "results.json").read_text())["trainable_params"]
