@@ -68,7 +68,8 @@ def test_greedy_generate_matches_transformers(hf_gpt2_dir, gpt2_tok, capsys):
         )[0].tolist()
     assert len(want) == len(ids) + 12
     code, out, _ = run_cli(
-        capsys, "generate", "--pretrained", str(folder), "--prompt", PROMPT, "--max-new-tokens", "12"
+        capsys, "generate", "--pretrained", str(folder), "--prompt", PROMPT, "--max-new-tokens", "12",
+        "--temperature", "0",
     )
     assert code == 0
     assert out == gpt2_tok.decode(want) + "\n"
@@ -152,7 +153,7 @@ def test_convert_a_training_checkpoint(capsys, tmp_path):
     params = jax.tree.map(jnp.asarray, random_params(cfg))
     save_checkpoint(tmp_path / "run", {"params": params}, step=3, key=jax.random.key(0), config=cfg)
     code, out, _ = run_cli(capsys, "convert", str(tmp_path / "run"), str(tmp_path / "hf"))
-    assert code == 0 and "(checkpoint)" in out
+    assert code == 0 and "(checkpoint)" in out and "tokenizer gpt2" in out
     cfg2, got = load_pretrained(tmp_path / "hf", scan_layers=True)
     assert cfg2 == cfg
     assert_same_params(got, params)
@@ -188,3 +189,28 @@ def test_non_finite_weights_are_refused_unless_allowed(capsys, tmp_path):
     code, out, _ = run_cli(capsys, *conv, "--allow-non-finite")
     assert code == 0 and "converted" in out
     assert np.isnan(load_pretrained(tmp_path / "out", allow_non_finite=True)[1]["final_norm"]["scale"][0])
+
+
+def test_sampling_defaults_timing_and_greedy_options(hf_gpt2_dir, capsys):
+    folder, _ = hf_gpt2_dir
+    base = ["generate", "--pretrained", str(folder), "--prompt", PROMPT, "--max-new-tokens", "6"]
+    code, sampled, err = run_cli(capsys, *base)
+    assert code == 0 and "tokens/s" in err and "temperature 0.8, top-k 40" in err  # the defaults, said
+    assert run_cli(capsys, *base, "--temperature", "0.8", "--top-k", "40")[1] == sampled
+    code, _, err = run_cli(capsys, *base, "--temperature", "0", "--top-k", "5")
+    assert code == 2 and "do nothing" in err and len(err.strip().splitlines()) == 1
+
+
+def test_weights_without_the_bpe_files_are_one_line(hf_gpt2_dir, capsys, monkeypatch):
+    import tiktoken
+
+    folder, _ = hf_gpt2_dir
+    monkeypatch.delenv("FLAXGPT_GPT2_BPE_DIR", raising=False)
+
+    def offline(name):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    code, _, err = run_cli(capsys, "generate", "--pretrained", str(folder), "--prompt", PROMPT)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "BPE files are not available" in err and "FLAXGPT_GPT2_BPE_DIR" in err and "Traceback" not in err

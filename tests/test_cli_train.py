@@ -156,14 +156,16 @@ def test_sigterm_then_sigkill_leave_loadable_checkpoints(tmp_path, text_file, gp
     assert all(p.name.startswith("step_") for p in list_checkpoints(run))
 
 
-def test_auto_tokenizer_falls_back_to_bytes_offline_and_generate_uses_it(tmp_path, capsys, monkeypatch):
-    """With no GPT-2 BPE files reachable, the default run still trains (on UTF-8 bytes, a 257-token model),
-    records the tokenizer in its checkpoint, and `flaxgpt generate --checkpoint` decodes with it."""
+def test_auto_tokenizer_learns_a_bpe_offline_and_generate_uses_it(tmp_path, capsys, monkeypatch):
+    """With no GPT-2 BPE files reachable, the default run learns a BPE from its text (a model of that
+    vocabulary), records the tokenizer in its checkpoint and its file in the run, and `flaxgpt generate
+    --checkpoint` decodes with it."""
     import tiktoken
 
     import flaxgpt.text.tokenizers as tokenizer_module
 
     monkeypatch.delenv("FLAXGPT_GPT2_BPE_DIR")
+    monkeypatch.setenv("FLAXGPT_CACHE_DIR", str(tmp_path / "cache"))
 
     def offline(name):
         raise ConnectionError("no network")
@@ -178,9 +180,12 @@ def test_auto_tokenizer_falls_back_to_bytes_offline_and_generate_uses_it(tmp_pat
     )
     assert rc == 0, err
     cfg, _, info = load_model_from_checkpoint(out_dir)
-    assert info["tokenizer"] == "bytes"
-    assert cfg.vocab_size == 257
-    assert json.loads((out_dir / "config.json").read_text())["tokenizer"] == "bytes"
+    assert info["tokenizer"].startswith("bpe-") and (out_dir / "tokenizer.json").is_file()
+    from flaxgpt.text.tokenizers import get_tokenizer
+
+    assert cfg.vocab_size == get_tokenizer(info["tokenizer"], near=out_dir).n_vocab < 4097
+    assert json.loads((out_dir / "config.json").read_text())["tokenizer"] == info["tokenizer"]
+    assert "BPE learned from the corpus" in out
 
     rc = main(["generate", "--checkpoint", str(out_dir), "--prompt", "The", "--max-new-tokens", "4"])
     printed = capsys.readouterr().out
@@ -192,7 +197,7 @@ def test_auto_tokenizer_falls_back_to_bytes_offline_and_generate_uses_it(tmp_pat
         ["--text", str(path), "--out", str(tmp_path / "run2"), *TINY, "--tokenizer", "gpt2"], capsys
     )
     assert rc == 2
-    assert "GPT-2 tokenizer" in err and "--tokenizer bytes" in err
+    assert "GPT-2's BPE files are not available" in err and "--tokenizer learned" in err
     assert len(err.strip().splitlines()) == 1
 
 

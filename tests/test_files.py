@@ -68,3 +68,18 @@ def test_rename_durably_moves_folders(tmp_path):
     (tmp_path / "a" / "x").write_text("1")
     rename_durably(tmp_path / "a", tmp_path / "b")
     assert not (tmp_path / "a").exists() and (tmp_path / "b" / "x").read_text() == "1"
+
+
+def test_atomic_file_gives_the_usual_mode_not_mkstemps_0600(tmp_path):
+    import os
+    import stat
+
+    from flaxgpt.files import atomic_file
+
+    old = os.umask(0o022)
+    try:
+        with atomic_file(tmp_path / "f.json") as f:
+            f.write(b"{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == 0o644

@@ -9,8 +9,11 @@ level, e.g. why each checkpoint of a run failed verification.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -58,6 +61,20 @@ def _error_line(command: str, error: BaseException, verbose: bool) -> str:
     return f"flaxgpt {command}: error: {message}{hint}"
 
 
+def plain(doc: str | None) -> str:
+    """A module docstring as ``--help`` text: reST's ``double backquotes`` and :role:`refs` made plain."""
+    text = re.sub(r":\w+:`~?([^`]+)`", r"\1", doc or "")
+    return text.replace("``", "")
+
+
+def _oom_line(message: str) -> str:
+    """XLA's RESOURCE_EXHAUSTED message as one line: the size asked for and what to shrink."""
+    asked = re.search(r"allocat\w*\s+([0-9.]+\s*[KMGT]?i?B)|([0-9]+) bytes", message)
+    size = (asked.group(1) or f"{int(asked.group(2)) / 2**30:.1f} GiB") if asked else "more memory than there is"
+    return (f"out of memory: XLA asked for {size}; use a smaller --batch-size, --context-length or model "
+            "(--preset / --emb-dim / --n-layers), or --dtype bfloat16")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``flaxgpt`` console script.
 
@@ -76,13 +93,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:  # JAX logs backend probing (e.g. "Unable to initialize backend 'tpu'") at INFO
         logging.getLogger("jax").setLevel(logging.WARNING)
         logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save and restore at INFO
-    if args.command is None:
-        parser.print_help()
-        return 0
+    if args.command is None:  # a command is needed: the help, on stderr, and status 2 (as argparse's errors)
+        parser.print_help(sys.stderr)
+        return 2
     try:
         return int(args.func(args) or 0)
     except (CLIError, ValueError, FileNotFoundError, NotADirectoryError, UnicodeDecodeError, ConnectionError) as e:
         print(_error_line(args.command, e, args.verbose), file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `flaxgpt info RUN | head`: the reader left; stop quietly
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - Python flushes stdout at exit
+        return 0
+    except RuntimeError as e:  # XLA's out-of-memory: one line with what to shrink
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        print(f"flaxgpt {args.command}: error: {_oom_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"flaxgpt {args.command}: interrupted", file=sys.stderr)

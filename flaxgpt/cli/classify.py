@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import argparse
 
-from flaxgpt.cli import CLIError
+from flaxgpt.cli import CLIError, plain
 
 __all__ = ["add_parser", "run"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("classify", help="classify texts with a fine-tuned classifier (book chapter 6)",
-                       description=__doc__)
+                       description=plain(__doc__))
     p.add_argument("--checkpoint", required=True, metavar="RUN", help="a flaxgpt finetune classify run or checkpoint")
     p.add_argument("texts", nargs="+", metavar="TEXT", help="the texts to classify")
     p.set_defaults(func=run)
@@ -29,7 +29,10 @@ def run(args: argparse.Namespace) -> int:
     if info is None:
         raise CLIError(f"{args.checkpoint} is not a classifier run (train one with flaxgpt finetune classify)")
     cfg, params, _ = load_model_from_checkpoint(args.checkpoint)
-    tok = get_tokenizer(meta.get("tokenizer", "gpt2"))
+    try:
+        tok = get_tokenizer(meta.get("tokenizer", "gpt2"), near=args.checkpoint)
+    except (RuntimeError, ValueError) as e:
+        raise CLIError(str(e).strip().splitlines()[0]) from e
     model = GPTModel(cfg)
     for text in args.texts:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from flaxgpt.dtypes import WEIGHT_DTYPES
 
@@ -69,12 +70,42 @@ def run(args: argparse.Namespace) -> int:
         )
     except ImportError as e:
         raise CLIError(str(e)) from e
+    tokenizer = _run_tokenizer(args.src) if fmt == "checkpoint" else "gpt2"
+    if tokenizer != "gpt2" and to == "hf":
+        raise CLIError(f"{args.src} was trained with the {tokenizer} tokenizer, not GPT-2's: a Hugging Face GPT-2 "
+                       "folder would decode its ids with GPT-2's BPE, into the wrong text. Keep the flaxgpt run "
+                       "(generate / respond read it), or export the weights alone with --to book")
     if to == "book":
         out = save_book(cfg, params, args.dst)
     else:
         out = save_pretrained(cfg, params, args.dst)
-    print(f"converted {args.src} ({fmt}) -> {out} ({to}): {count_params(params):,} parameters")
+        note = _write_gpt2_tokenizer(out)
+    print(f"converted {args.src} ({fmt}) -> {out} ({to}): {count_params(params):,} parameters; tokenizer {tokenizer}"
+          + ("" if to == "book" else f"; {note}"))
     return 0
+
+
+def _run_tokenizer(src: str) -> str:
+    from flaxgpt.io.checkpoint import resolve_checkpoint
+
+    return str(resolve_checkpoint(src)[1].get("tokenizer", "gpt2"))
+
+
+def _write_gpt2_tokenizer(folder: Any) -> str:
+    """Copies GPT-2's BPE files into an exported folder as transformers names them (vocab.json, merges.txt),
+    when they are on this machine ($FLAXGPT_GPT2_BPE_DIR); returns what was done, in words."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    src = os.environ.get("FLAXGPT_GPT2_BPE_DIR")
+    pairs = (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt"))
+    if not src or not all((Path(src) / a).is_file() for a, _ in pairs):
+        return ("no tokenizer files written (GPT-2's encoder.json + vocab.bpe are not in $FLAXGPT_GPT2_BPE_DIR): "
+                "load the tokenizer with GPT2TokenizerFast.from_pretrained('gpt2')")
+    for a, b in pairs:
+        shutil.copyfile(Path(src) / a, Path(folder) / b)
+    return "GPT-2's tokenizer files written (vocab.json, merges.txt)"
 
 
 def _convert_adapters(args: argparse.Namespace, to: str) -> int:

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flaxgpt.cli import CLIError
+from flaxgpt.cli import CLIError, plain
 
 __all__ = ["add_parser", "run"]
 
@@ -88,7 +88,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Fine-tune a pretrained GPT through flaxgpt's one training loop.")
     tasks = p.add_subparsers(dest="task", metavar="TASK", required=True)
     fmt = argparse.RawDescriptionHelpFormatter
-    c = tasks.add_parser("classify", help="a text classifier (book chapter 6)", description=__doc__,
+    c = tasks.add_parser("classify", help="a text classifier (book chapter 6)", description=plain(__doc__),
                          formatter_class=fmt)
     d = DEFAULTS
     c.add_argument("--data", metavar="sms-spam|FILE",
@@ -99,7 +99,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="classify from the last position (the book) or each text's last real token")
     _add_common(c, d, "runs/classify")
     c.set_defaults(func=run)
-    i = tasks.add_parser("instruct", help="instruction following (book chapter 7)", description=__doc__,
+    i = tasks.add_parser("instruct", help="instruction following (book chapter 7)", description=plain(__doc__),
                          formatter_class=fmt)
     d = INSTRUCT_DEFAULTS
     i.add_argument("--data", metavar="book|FILE",
@@ -176,8 +176,11 @@ def _base_model(args: argparse.Namespace, drop_rate: float) -> tuple[Any, Any, s
     from flaxgpt.io.pretrained import load_any
     from flaxgpt.nn.params import init_params
 
-    if args.from_scratch:
-        _, name = _tokenizer("auto")
+    if args.from_scratch:  # GPT-2's tokenizer when its files are there, else bytes (no corpus to learn from)
+        try:
+            _, name = _tokenizer("gpt2")
+        except CLIError:
+            name = "bytes"
         vocab = 50257 if name == "gpt2" else 257
         cfg = GPTConfig(vocab_size=vocab, **{**DEFAULT_MODEL, "drop_rate": drop_rate})
         return cfg, init_params(cfg, jax.random.key(0)), name
@@ -187,6 +190,26 @@ def _base_model(args: argparse.Namespace, drop_rate: float) -> tuple[Any, Any, s
     if cfg.num_classes is not None:
         raise CLIError(f"{source} is already a classifier; start from a language model")
     return cfg.replace(drop_rate=drop_rate), params, name
+
+
+def _run_tokenizer(name: str, args: argparse.Namespace, out: Path) -> Any:
+    """The base model's tokenizer; a learned one's file is copied into ``out`` so that the run stands alone."""
+    import shutil
+
+    from flaxgpt.text.learned_bpe import TOKENIZER_FILE
+    from flaxgpt.text.tokenizers import find_learned_file, get_tokenizer
+
+    source = args.checkpoint or args.pretrained
+    try:
+        tok = get_tokenizer(name, near=source or out)
+    except (RuntimeError, ValueError) as e:
+        raise CLIError(str(e).strip().splitlines()[0]) from e
+    found = find_learned_file(name, source) if name.startswith("bpe-") else None
+    if found is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        if found.resolve() != (out / TOKENIZER_FILE).resolve():
+            shutil.copyfile(found, out / TOKENIZER_FILE)
+    return tok
 
 
 def _train_state(s: dict[str, Any], cfg: Any, params: Any, key: Any, ckpt: Path | None, task: Any,
@@ -396,7 +419,6 @@ def _run_classify(args: argparse.Namespace) -> int:
     from flaxgpt.distributed import is_primary
     from flaxgpt.files import write_json
     from flaxgpt.finetune.classify import ClassificationTask, to_classifier
-    from flaxgpt.text.tokenizers import get_tokenizer
     from flaxgpt.training.evaluation import evaluate_metrics
     from flaxgpt.training.run_dir import RunDir
 
@@ -404,7 +426,7 @@ def _run_classify(args: argparse.Namespace) -> int:
     out = Path(args.out or "runs/classify")
     ckpt = _resume_from(args, out, s)
     cfg, params, tok_name = _base_model(args, s["drop_rate"])
-    tok = get_tokenizer(tok_name)
+    tok = _run_tokenizer(tok_name, args, out)
     data = _classify_data(s, tok, cfg.context_length)
     head_key, key = jax.random.split(jax.random.key(s["seed"]))
     cfg, params = to_classifier(cfg, params, data["num_classes"], head_key)
@@ -477,7 +499,6 @@ def _run_instruct(args: argparse.Namespace) -> int:
     from flaxgpt.distributed import is_primary
     from flaxgpt.files import write_json
     from flaxgpt.finetune.instruct import INSTRUCT, instruct_metadata
-    from flaxgpt.text.tokenizers import get_tokenizer
     from flaxgpt.training.evaluation import evaluate_metrics
     from flaxgpt.training.run_dir import RunDir
 
@@ -485,7 +506,7 @@ def _run_instruct(args: argparse.Namespace) -> int:
     out = Path(args.out or "runs/instruct")
     ckpt = _resume_from(args, out, s)
     cfg, params, tok_name = _base_model(args, s["drop_rate"])
-    tok = get_tokenizer(tok_name)
+    tok = _run_tokenizer(tok_name, args, out)
     data = _instruct_data(s, tok, cfg.context_length)
     loaders = data["loaders"]
     _job_setup(args, out, loaders)

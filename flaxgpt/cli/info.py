@@ -54,9 +54,20 @@ def model_info(path: str, n_heads: int | None = None) -> dict[str, object]:
         "config": cfg.to_dict(),
         "head": _head(cfg),
         "lora": _lora(path) if fmt == "checkpoint" else None,
+        "tokenizer": _tokenizer(path) if fmt == "checkpoint" else "gpt2 (GPT-2's BPE)",
         "parameters": count_params(shapes),
         "bytes": param_bytes(shapes),
     }
+
+
+def _tokenizer(path: str) -> str:
+    """The tokenizer a run was trained with, in words."""
+    from flaxgpt.io.checkpoint import resolve_checkpoint
+
+    name = str(resolve_checkpoint(path, verify=False)[1].get("tokenizer", "gpt2"))
+    if name.startswith("bpe-"):
+        return f"{name} (a BPE learned from the run's corpus: the run's tokenizer.json)"
+    return {"gpt2": "gpt2 (GPT-2's BPE)", "bytes": "bytes (UTF-8 bytes, 256 ids + <|endoftext|>)"}.get(name, name)
 
 
 def _lora(path: str) -> str | None:
@@ -88,6 +99,7 @@ def _print_model(info: dict[str, object]) -> None:
     for name, value in info["config"].items():  # type: ignore[union-attr]
         print(f"{name:15s} {value}")
     print(f"{'head':15s} {info['head']}")
+    print(f"{'tokenizer':15s} {info['tokenizer']}")
     if info.get("lora"):
         print(f"{'lora':15s} {info['lora']}")
     n, size = int(info["parameters"]), int(info["bytes"])  # type: ignore[call-overload]

@@ -77,7 +77,11 @@ def load_run(checkpoint: str, dtype: str | None = None) -> tuple[Any, Any, Any, 
     path = Path(checkpoint)
     run_dir = path.parent.parent if (path / META_FILE).is_file() else path.parent if path.name == CHECKPOINTS else path
     logger.debug("loaded %s (step %s, tokenizer %s)", info["path"], info["step"], info["tokenizer"])
-    return GPTModel(cfg), params, get_tokenizer(info["tokenizer"]), run_dir
+    try:
+        tok = get_tokenizer(info["tokenizer"], near=checkpoint)
+    except (RuntimeError, ValueError) as e:
+        raise CLIError(str(e).strip().splitlines()[0]) from e
+    return GPTModel(cfg), params, tok, run_dir
 
 
 def _records(data: str, source: str | None) -> list[dict[str, Any]]:

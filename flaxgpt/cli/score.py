@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from flaxgpt.cli import CLIError
+from flaxgpt.cli import CLIError, plain
 
 __all__ = ["add_parser", "read_entries", "run"]
 
@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from flaxgpt.finetune.score import DEFAULT_MODEL, DEFAULT_TIMEOUT, DEFAULT_URL
 
     p = sub.add_parser("score", help="score responses with an Ollama judge (book chapter 7)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", metavar="FILE", help="the responses JSON (e.g. instruction-data-with-response.json)")
     p.add_argument("--key", default="model_response", help="the key holding each response (default model_response)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"the Ollama judge model (default {DEFAULT_MODEL})")

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from flaxgpt.cli import CLIError
+from flaxgpt.cli import CLIError, plain
 
 __all__ = ["add_parser", "run"]
 
@@ -50,7 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="pretrain a GPT on a text (book chapter 5)",
-        description=__doc__,
+        description=plain(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     d = DEFAULTS
@@ -58,9 +58,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     io.add_argument("--text", metavar="PATH|verdict|pydoc",
                     help=f"a UTF-8 text file, 'verdict' (the book's story) or 'pydoc' (the Python "
                     f"reference manual that ships with Python; offline). Default: {d['text']}")
-    io.add_argument("--tokenizer", choices=("auto", "gpt2", "bytes"),
-                    help="'gpt2' (BPE, tiktoken), 'bytes' (UTF-8 bytes, needs no files) or 'auto': GPT-2 "
-                    "when its files can be found or downloaded, else bytes (default: auto)")
+    io.add_argument("--tokenizer", choices=("auto", "gpt2", "learned", "bytes"),
+                    help="'gpt2' (GPT-2's BPE, tiktoken), 'learned' (a 4,096-token byte-level BPE learned from the "
+                    "training text at the start of the run, saved as OUT/tokenizer.json), 'bytes' (UTF-8 bytes) or "
+                    "'auto': GPT-2's when its files can be found or downloaded, else learned (default: auto)")
     io.add_argument("--out", metavar="DIR", help="run directory (default: runs/<text name>)")
     io.add_argument("--val-ratio", type=float, help=f"validation fraction (default {d['val_ratio']})")
     io.add_argument("--stride", type=int, help="window stride (default: the context length)")
@@ -154,24 +155,58 @@ def _model_config(args: argparse.Namespace, settings: dict[str, Any], saved: dic
     return GPTConfig(**{**DEFAULT_MODEL, **overrides})
 
 
-def _tokenizer(name: str) -> tuple[Any, str]:
-    """The training tokenizer and its name; "auto" takes GPT-2's BPE when it can be loaded (local files
-    or tiktoken's cache/download), else UTF-8 bytes, so that the default run works offline."""
+LEARNED_VOCAB = 4096  # tokens of the BPE that `--tokenizer learned` (or auto, offline) learns from the corpus
+
+
+def _tokenizer(name: str, train_text: str | None = None, out: Path | None = None) -> tuple[Any, str]:
+    """The training tokenizer and its name. "auto" takes GPT-2's BPE when it can be loaded (local files or
+    tiktoken's cache/download), else learns a BPE from ``train_text``, so that the default run works offline
+    and still trains on words; a learned one is saved as ``out/tokenizer.json`` (and in the cache)."""
     from flaxgpt.text.tokenizers import ByteTokenizer, get_tokenizer
 
-    if name != "auto":
+    log = logging.getLogger(__name__)
+    if name == "bytes":
+        return ByteTokenizer(), name
+    if name in ("gpt2", "auto"):
         try:
-            return get_tokenizer(name), name
+            return get_tokenizer("gpt2"), "gpt2"
         except RuntimeError as e:
-            raise CLIError(str(e).splitlines()[0] + " (or use --tokenizer bytes)") from e
-    try:
-        return get_tokenizer("gpt2"), "gpt2"
-    except RuntimeError as e:
-        logging.getLogger(__name__).info(
-            "GPT-2 BPE files not available (%s); training with the byte-level tokenizer "
-            "(set FLAXGPT_GPT2_BPE_DIR or go online for GPT-2's)", str(e).splitlines()[0]
-        )
-        return ByteTokenizer(), "bytes"
+            if name == "gpt2":
+                raise CLIError("GPT-2's BPE files are not available (set FLAXGPT_GPT2_BPE_DIR to a folder with "
+                               "encoder.json and vocab.bpe, or go online; or use --tokenizer learned)") from e
+            log.info("tokenizer: GPT-2's BPE files are not available offline (set FLAXGPT_GPT2_BPE_DIR or go "
+                     "online for them); learning a %d-token BPE from the training text instead", LEARNED_VOCAB)
+    if name.startswith("bpe-"):  # a resumed run's learned tokenizer
+        try:
+            return get_tokenizer(name, near=out), name
+        except ValueError as e:
+            raise CLIError(str(e)) from e
+    return _learn(train_text or "", out)
+
+
+def _tokenizer_words(name: str) -> str:
+    """A tokenizer's name as the summary lines show it."""
+    if name.startswith("bpe-"):
+        return f"{name} (BPE learned from the corpus)"
+    return {"gpt2": "gpt2 (GPT-2's BPE)", "bytes": "bytes (UTF-8 bytes)"}.get(name, name)
+
+
+def _learn(train_text: str, out: Path | None) -> tuple[Any, str]:
+    """Learns the run's BPE from its training text; saves it in the run folder and the cache."""
+    from flaxgpt.text.corpora import cache_dir
+    from flaxgpt.text.learned_bpe import TOKENIZER_FILE, learned_name, learned_tokenizer, save_learned, train_bpe
+
+    t0 = time.perf_counter()
+    tokens = train_bpe(train_text, LEARNED_VOCAB)
+    name = learned_name(tokens)
+    with _write_errors(out or Path(".")):
+        if out is not None:
+            save_learned(out / TOKENIZER_FILE, tokens)
+    with contextlib.suppress(OSError):  # the cache is a convenience: a read-only home is fine
+        save_learned(cache_dir() / "tokenizers" / f"{name}.json", tokens)
+    logging.getLogger(__name__).info("tokenizer: %s, a %d-token BPE learned from the training text in %.1fs",
+                                     name, len(tokens) + 1, time.perf_counter() - t0)
+    return learned_tokenizer(tokens, name), name
 
 
 def _check_settings(s: dict[str, Any]) -> None:
@@ -217,22 +252,28 @@ class _Data:
     text_sha: str
 
 
-def _load_data(s: dict[str, Any], cfg: Any, tok: Any, saved_sha: str | None) -> _Data:
-    """Loads and splits the text into the training and validation loaders, with one-line errors."""
-    from flaxgpt.data.windows import DataLoader, train_val_split
+def _read_text(s: dict[str, Any], saved_sha: str | None) -> tuple[str, str]:
+    """The run's text and its SHA-256, with one-line errors (a missing file, a changed text on resume)."""
     from flaxgpt.text.corpora import load_text
-    from flaxgpt.text.tokenizers import text_to_token_ids
 
-    stride = s["stride"] or cfg.context_length
     try:
         text = load_text(s["text"])
     except ConnectionError as e:
         raise CLIError(str(e).splitlines()[0]) from e
-    if cfg.vocab_size < tok.n_vocab:
-        raise CLIError(f"vocab_size {cfg.vocab_size} is smaller than the tokenizer's {tok.n_vocab} tokens")
     text_sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
     if saved_sha not in (None, text_sha):
         raise CLIError(f"the text {s['text']!r} differs from the one the checkpoint was trained on")
+    return text, text_sha
+
+
+def _load_data(s: dict[str, Any], cfg: Any, tok: Any, text: str, text_sha: str) -> _Data:
+    """Splits and tokenizes the text into the training and validation loaders, with one-line errors."""
+    from flaxgpt.data.windows import DataLoader, train_val_split
+    from flaxgpt.text.tokenizers import text_to_token_ids
+
+    stride = s["stride"] or cfg.context_length
+    if cfg.vocab_size < tok.n_vocab:
+        raise CLIError(f"vocab_size {cfg.vocab_size} is smaller than the tokenizer's {tok.n_vocab} tokens")
     train_text, val_text = train_val_split(text, 1.0 - s["val_ratio"])
     train_ids = text_to_token_ids(train_text, tok)[0]  # (N,)
     val_ids = text_to_token_ids(val_text, tok)[0]  # (M,)
@@ -332,7 +373,7 @@ def _report(result: Any, run: Any, wall: float, tok: Any, s: dict[str, Any]) -> 
     last, ckpts, out = (read_metrics(run.metrics_path) or [None])[-1], run.checkpoints(), run.path
     losses = f"train loss {last['train_loss']:.3f}, val loss {last['val_loss']:.3f}" if last else "no evaluation"
     print(f"step {result.updates} ({result.stopped}) in {wall:.1f}s: {losses}; "
-          f"checkpoint {ckpts[-1] if ckpts else None}")
+          f"checkpoint {ckpts[-1] if ckpts else None}; tokenizer {_tokenizer_words(s['tokenizer'])}")
     if result.stopped in ("SIGINT", "SIGTERM"):
         print(f"interrupted by {result.stopped}; continue with: flaxgpt train --out {out} --resume")
         return 128 + int(getattr(signal, result.stopped))
@@ -357,11 +398,14 @@ def _setup(args: argparse.Namespace) -> tuple[dict[str, Any], Path, Path | None,
 
     if ckpt is None and has_checkpoints(out):
         raise CLIError(f"{out} already holds checkpoints: pass --resume to continue it, or another --out")
-    tok, s["tokenizer"] = _tokenizer(s["tokenizer"])
+    text, text_sha = _read_text(s, saved_sha)  # a missing text fails before any tokenizer work
+    from flaxgpt.data.windows import train_val_split
+
+    tok, s["tokenizer"] = _tokenizer(s["tokenizer"], train_val_split(text, 1.0 - s["val_ratio"])[0], out)
     cfg = _model_config(args, s, saved_model)
-    if saved_model is None and s["tokenizer"] == "bytes":
-        cfg = cfg.replace(vocab_size=tok.n_vocab)  # no 50,257-way head for a 257-token vocabulary
-    data = _load_data(s, cfg, tok, saved_sha)
+    if saved_model is None and s["tokenizer"] != "gpt2":
+        cfg = cfg.replace(vocab_size=tok.n_vocab)  # no 50,257-way head for a 257- or 4,097-token vocabulary
+    data = _load_data(s, cfg, tok, text, text_sha)
     return s, out, ckpt, cfg, tok, data
 
 
@@ -410,7 +454,8 @@ def _run(args: argparse.Namespace, multi: bool) -> int:
     procs = f"; {jax.process_count()} processes, mesh {args.mesh}" if multi else ""
     print(
         f"model: {count_params(state.params) / 1e6:.1f}M params (emb {cfg.emb_dim}, {cfg.n_layers} layers, "
-        f"{cfg.n_heads} heads, context {cfg.context_length}); text {s['text']}: {data.train_tokens:,} train / "
+        f"{cfg.n_heads} heads, context {cfg.context_length}); tokenizer {_tokenizer_words(s['tokenizer'])}; "
+        f"text {s['text']}: {data.train_tokens:,} train / "
         f"{data.val_tokens:,} val tokens, {len(data.train_loader)} batches of {s['batch_size']} per epoch; "
         f"out {out}{procs}"
     )

@@ -162,9 +162,7 @@ def gpt2_tokenizer(bpe_dir: str | os.PathLike[str] | None = None) -> tiktoken.En
     except Exception as e:  # noqa: BLE001 - any failure here is reported with the others.
         tried.append(f'tiktoken.get_encoding("gpt2"): {type(e).__name__}: {e}')
     raise RuntimeError(
-        "could not load the GPT-2 tokenizer. Tried:\n  - "
-        + "\n  - ".join(tried)
-        + f"\nSupply a folder with GPT-2's encoder.json and vocab.bpe as `bpe_dir` or in "
-        f"${GPT2_BPE_DIR_ENV}, or let tiktoken download them (network access, or a "
-        "pre-filled TIKTOKEN_CACHE_DIR)."
+        f"GPT-2's BPE files are not available: put encoder.json and vocab.bpe in a folder named by "
+        f"${GPT2_BPE_DIR_ENV} (or pass bpe_dir), or let tiktoken download them (network access, or a "
+        f"pre-filled TIKTOKEN_CACHE_DIR). Tried: " + "; ".join(tried)
     )

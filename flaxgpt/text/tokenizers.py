@@ -6,8 +6,11 @@ GPT-2's BPE is in :mod:`flaxgpt.text.bpe`.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -25,6 +28,7 @@ __all__ = [
     "SimpleTokenizerV2",
     "ByteTokenizer",
     "TOKENIZERS",
+    "find_learned_file",
     "get_tokenizer",
     "text_to_token_ids",
     "token_ids_to_text",
@@ -208,23 +212,65 @@ class ByteTokenizer:
         return "".join(out)
 
 
-TOKENIZERS = ("gpt2", "bytes")
+TOKENIZERS = ("gpt2", "bytes", "bpe-<hash>")
 
 
-def get_tokenizer(name: str) -> Any:
-    """Returns a tokenizer by the name stored in checkpoints: "gpt2" (see `gpt2_tokenizer`) or "bytes".
+def get_tokenizer(name: str, near: str | os.PathLike[str] | None = None) -> Any:
+    """Returns a tokenizer by the name stored in checkpoints: "gpt2" (see `gpt2_tokenizer`), "bytes", or a
+    BPE learned from a run's corpus ("bpe-<12 hex digits>", :mod:`flaxgpt.text.learned_bpe`).
+
+    A learned tokenizer is read from the ``tokenizer.json`` of ``near`` (a run folder, a checkpoint folder
+    or a file in one, and the folders above it), else from flaxgpt's cache (``<cache>/tokenizers/``).
 
     Args:
-      name: one of `TOKENIZERS`.
+      name: the tokenizer's name.
+      near: where the run lives, to find a learned tokenizer's file.
 
     Returns:
       An object with `encode`, `decode`, `n_vocab` and `eot_token`.
+
+    Raises:
+      ValueError: an unknown name, or a learned tokenizer whose file is not found.
     """
     if name == "gpt2":
         return gpt2_tokenizer()
     if name == "bytes":
         return ByteTokenizer()
-    raise ValueError(f"unknown tokenizer {name!r}; expected one of {TOKENIZERS}")
+    from flaxgpt.text.learned_bpe import LEARNED_PREFIX, load_learned
+
+    if not str(name).startswith(LEARNED_PREFIX):
+        raise ValueError(f"unknown tokenizer {name!r}; expected one of {TOKENIZERS}")
+    path = find_learned_file(name, near)
+    if path is not None:
+        return load_learned(path, name)
+    raise ValueError(f"the run's tokenizer {name} (a BPE learned from its corpus) is not found: its "
+                     f"{'tokenizer.json'} should be in the run folder{f' ({near})' if near else ''}")
+
+
+def find_learned_file(name: str, near: str | os.PathLike[str] | None = None) -> Path | None:
+    """The file of the learned tokenizer ``name``: the ``tokenizer.json`` of ``near`` or of one of the three
+    folders above it that holds this tokenizer, else the cache's copy; None when there is none.
+
+    Args:
+      name: a learned tokenizer's name ("bpe-<12 hex digits>").
+      near: a run folder, checkpoint folder or file in a run.
+
+    Returns:
+      The file, or None.
+    """
+    from flaxgpt.text.corpora import cache_dir
+    from flaxgpt.text.learned_bpe import TOKENIZER_FILE, load_learned
+
+    places = []
+    if near is not None:
+        p = Path(near).expanduser()
+        places += [q / TOKENIZER_FILE for q in (p, *list(p.parents)[:3])]
+    for path in [*places, cache_dir() / "tokenizers" / f"{name}.json"]:
+        if path.is_file():
+            with contextlib.suppress(ValueError):  # another run's tokenizer: keep looking
+                load_learned(path, name)
+                return path
+    return None
 
 
 # --------------------------------------------------------------------------- text <-> ids

@@ -127,7 +127,8 @@ class _Loop:
         self.stopped = "epochs"
         self.result = FitResult(state, [], [], [], [], "epochs", self.position(self.epoch, self.first_batch),
                                 0, None)
-        self.t0 = time.perf_counter()
+        # time_s counts the run's training time across resumes: it goes on from the last evaluation kept
+        self.t0 = time.perf_counter() - float(kept[-1].get("time_s", 0.0) if kept else 0.0)
 
     def position(self, e: int, b: int) -> Position:
         """Where training continues after batch ``b`` of epoch ``e`` (the next epoch after the last)."""
@@ -169,7 +170,9 @@ class _Loop:
             return
         text = greedy_sample(self.state, tokenizer, self.opts.start_context, n)
         logger.info("%s", text.replace("\n", " "))
-        self.emit("sample", {"epoch": e + 1, "step": self.updates, "text": text})
+        record = {"epoch": e + 1, "step": self.updates, "text": text}
+        self.run.log_sample(record)
+        self.emit("sample", record)
 
     def train_batch(self, batch: Any, b: int) -> bool:
         """One micro-batch at index ``b`` of the epoch; True at an optimizer-update boundary."""

@@ -1,5 +1,5 @@
 """The run directory that :func:`flaxgpt.training.loop.fit` writes: ``metrics.jsonl`` (one line per
-evaluation), checkpoints at a cadence (``checkpoints/step_*/``) and the loss figure.
+evaluation), ``samples.jsonl`` (the per-epoch samples), checkpoints at a cadence (``checkpoints/step_*/``) and the loss figure.
 
 Every write either completes or leaves nothing behind: checkpoints are written to a temporary folder and
 renamed (:func:`flaxgpt.io.checkpoint.save_checkpoint`), metrics lines are taken back on a failed write,
@@ -24,9 +24,10 @@ from flaxgpt.distributed import is_primary, process_count
 from flaxgpt.io.checkpoint import list_checkpoints, save_checkpoint
 from flaxgpt.training.metrics import METRICS_FILE, append_metrics, read_metrics, truncate_metrics
 
-__all__ = ["LOSS_PLOT", "Position", "RunDir", "RunDirError"]
+__all__ = ["LOSS_PLOT", "SAMPLES_FILE", "Position", "RunDir", "RunDirError"]
 
 LOSS_PLOT = "loss.png"
+SAMPLES_FILE = "samples.jsonl"  # the per-epoch samples, one JSON line each
 CHECKPOINTS = "checkpoints"
 
 
@@ -115,6 +116,7 @@ class RunDir:
             return [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= updates]
         with self._writing(self.path):
             self.path.mkdir(parents=True, exist_ok=True)
+            truncate_metrics(self.path / SAMPLES_FILE, updates)
             return truncate_metrics(self.metrics_path, updates)
 
     def log(self, record: dict[str, Any]) -> None:
@@ -126,6 +128,16 @@ class RunDir:
         if self.path is not None and self.primary:
             with self._writing(self.metrics_path):
                 append_metrics(self.metrics_path, record)
+
+    def log_sample(self, record: dict[str, Any]) -> None:
+        """Appends a per-epoch sample (``{"epoch", "step", "text"}``) to samples.jsonl (process 0).
+
+        Args:
+          record: JSON-serialisable values.
+        """
+        if self.path is not None and self.primary:
+            with self._writing(self.path / SAMPLES_FILE):
+                append_metrics(self.path / SAMPLES_FILE, record)
 
     def due(self, updates: int) -> bool:
         """True when the cadence asks for a checkpoint after ``updates`` updates."""
