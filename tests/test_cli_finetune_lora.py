@@ -111,7 +111,7 @@ def test_instruct_with_lora_exports_peft_lora_and_merged_hf(base_run: Path, inst
                                                             capsys) -> None:
     from flaxgpt.io.adapters import load_lora
     from flaxgpt.io.checkpoint import load_lora_from_checkpoint, load_model_from_checkpoint
-    from flaxgpt.io.pretrained import load_pretrained
+    from flaxgpt.io.pretrained import load_book
 
     out = tmp_path / "sft"
     argv = ["finetune", "instruct", "--checkpoint", str(base_run), "--data", str(instruct_json), "--out", str(out),
@@ -128,11 +128,13 @@ def test_instruct_with_lora_exports_peft_lora_and_merged_hf(base_run: Path, inst
     assert config["peft_type"] == "LORA" and (tmp_path / "peft" / "adapter_model.safetensors").is_file()
     rc, _, _ = _run(capsys, "convert", str(out), str(tmp_path / "alone"), "--to", "lora")
     assert rc == 0 and _leaves_equal(load_lora(tmp_path / "alone", base), lora)
-    rc, _, _ = _run(capsys, "convert", str(out), str(tmp_path / "hf"), "--to", "hf")
+    rc, _, err = _run(capsys, "convert", str(out), str(tmp_path / "hf"), "--to", "hf")
+    assert rc == 2 and "not GPT-2's" in err  # a byte-level run is not passed off as GPT-2
+    rc, _, _ = _run(capsys, "convert", str(out), str(tmp_path / "merged.safetensors"), "--to", "book")
     assert rc == 0
     _, merged, _ = load_model_from_checkpoint(out)
-    _, from_hf = load_pretrained(tmp_path / "hf")
-    assert _leaves_equal({k: v for k, v in from_hf.items() if k in merged}, merged)
+    _, exported = load_book(tmp_path / "merged.safetensors", n_heads=cfg.n_heads)
+    assert _leaves_equal({k: v for k, v in exported.items() if k in merged}, merged)
 
     rc, _, err = _run(capsys, "convert", str(base_run), str(tmp_path / "no"), "--to", "peft")
     assert rc == 2 and "not a LoRA run" in err

@@ -335,6 +335,25 @@ def load_model_from_checkpoint(
         for name, arr in flat.items():
             check_finite(arr, name, str(ckpt / TENSORS_FILE))
     params = unflatten_dict({n[len("params/") :]: jnp.asarray(v) for n, v in flat.items()})
+    return model_from_params(ckpt, meta, cfg, params, dtype)
+
+
+def model_from_params(
+    ckpt: Path, meta: Mapping[str, Any], cfg: GPTConfig, params: Any, dtype: Any = None
+) -> tuple[GPTConfig, Any, dict[str, Any]]:
+    """What both checkpoint formats' model loaders return, from a checkpoint's params: a LoRA run's adapters
+    merged into its base, the dtype cast, and the info dict.
+
+    Args:
+      ckpt: the checkpoint folder.
+      meta: its metadata.
+      cfg: its model config.
+      params: its params tree (``{"base", "lora"}`` for a LoRA run).
+      dtype: cast the parameters (and compute) to this dtype; None keeps them.
+
+    Returns:
+      (config, params, info) as :func:`load_model_from_checkpoint`.
+    """
     lora = _checkpoint_lora(ckpt, meta, params)
     if lora is not None:  # a LoRA fine-tuning run: the adapters folded into the base
         params = merge_lora(params["base"], lora)

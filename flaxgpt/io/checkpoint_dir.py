@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -258,22 +258,42 @@ def resolve_checkpoint(path: str | os.PathLike[str], verify: bool = True) -> tup
     candidates = list_checkpoints(path)
     if not candidates:
         raise FileNotFoundError(f"no complete checkpoint in {path} (expected {CHECKPOINTS}/step_*/)")
+    return newest_valid(candidates, lambda ckpt: _checked(ckpt, verify), f"no checkpoint in {path}")
+
+
+def newest_valid(
+    candidates: list[Path], check: Callable[[Path], dict[str, Any]], none_verifies: str,
+    label: Callable[[Path], str] = lambda folder: folder.name,
+) -> tuple[Path, dict[str, Any]]:
+    """The newest folder that passes ``check``; each newer one skipped gives one warning line (its details
+    at DEBUG level). Shared by both checkpoint formats.
+
+    Args:
+      candidates: checkpoint folders, oldest first.
+      check: returns a folder's metadata or raises :class:`CheckpointError`.
+      none_verifies: the start of the error when every folder fails ("no checkpoint in RUN").
+      label: a folder in the warning ("step_00000100"; "step 100" for orbax's numbered folders).
+
+    Returns:
+      (folder, its metadata).
+
+    Raises:
+      CheckpointError: every candidate fails; ``reasons`` says why for each.
+    """
     failed: list[tuple[Path, CheckpointError]] = []
-    for ckpt in reversed(candidates):
+    for folder in reversed(candidates):
         try:
-            meta = _checked(ckpt, verify)
+            meta = check(folder)
         except CheckpointError as e:
-            failed.append((ckpt, e))
+            failed.append((folder, e))
             continue
         for _, e in failed:
-            logger.warning("%s; loading %s instead", e, ckpt.name)
-        return ckpt, meta
+            logger.warning("%s; loading %s instead", e, label(folder))
+        return folder, meta
     reasons = [f"{bad.name}: {e}" + (f" ({e.detail})" if e.detail else "") for bad, e in failed]
     for reason in reasons:
         logger.debug("checkpoint %s", reason)
-    raise CheckpointError(
-        f"no checkpoint in {path} verifies ({len(failed)} found, all corrupt)", reasons=reasons
-    )
+    raise CheckpointError(f"{none_verifies} verifies ({len(failed)} found, all corrupt)", reasons=reasons)
 
 
 def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:

@@ -31,14 +31,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from flaxgpt.config import GPTConfig
-from flaxgpt.dtypes import dtype_name
 from flaxgpt.io.checkpoint import (
-    _checkpoint_lora,
     _flatten,
     _key_from_meta,
     _key_to_meta,
     _limited,
     _with_lora_settings,
+    model_from_params,
 )
 from flaxgpt.io.checkpoint_dir import CheckpointError
 from flaxgpt.io.orbax_dir import (
@@ -59,7 +58,6 @@ from flaxgpt.io.orbax_dir import (
     write_manifest,
 )
 from flaxgpt.io.safetensors_io import check_finite
-from flaxgpt.nn.lora import merge_lora
 from flaxgpt.pytree import flat_dict, unflatten_dict
 from flaxgpt.validation import check_int
 
@@ -393,16 +391,4 @@ def load_model_from_orbax(
         for name, value in zip(names, values):
             check_finite(np.asarray(value), name, str(folder / STATE_ITEM))
     params = unflatten_dict({n[len("params/") :]: v for n, v in zip(names, values)})
-    lora = _checkpoint_lora(folder, meta, params)
-    if lora is not None:  # a LoRA fine-tuning run: the adapters folded into the base
-        params = merge_lora(params["base"], lora)
-    if dtype is not None:
-        dt = dtype_name(dtype)
-        cfg = cfg.replace(param_dtype=dt, dtype=dt)
-        params = jax.tree.map(lambda x: x.astype(cfg.weight_dtype), params)
-    info = {
-        "step": meta["step"], "tokenizer": meta["tokenizer"], "epoch": meta["epoch"],
-        "tokens_seen": meta["tokens_seen"], "path": str(folder),
-        "lora": dict(meta["extra"]["lora"]) if lora is not None else None,
-    }  # fmt: skip
-    return cfg, params, info
+    return model_from_params(folder, meta, cfg, params, dtype)

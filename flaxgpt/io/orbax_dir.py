@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from flaxgpt.files import read_json, rename_durably, sha256_file, write_json
-from flaxgpt.io.checkpoint_dir import _LEAF_KEYS, _META_KEYS, CheckpointError, _type_problems
+from flaxgpt.io.checkpoint_dir import _LEAF_KEYS, _META_KEYS, CheckpointError, _type_problems, newest_valid
 
 __all__ = [
     "ORBAX", "ORBAX_FORMAT", "ORBAX_VERSION", "STATE_ITEM", "META_ITEM", "orbax_dir", "list_orbax_checkpoints",
@@ -232,20 +232,7 @@ def find_orbax_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, dict[str,
     candidates = list_orbax_checkpoints(path)
     if not candidates:
         raise FileNotFoundError(f"no orbax checkpoint in {path} (expected {ORBAX}/<step>/)")
-    failed: list[tuple[Path, CheckpointError]] = []
-    for folder in reversed(candidates):
-        try:
-            meta = _checked(folder)
-        except CheckpointError as e:
-            failed.append((folder, e))
-            continue
-        for _, e in failed:
-            logger.warning("%s; loading step %s instead", e, folder.name)
-        return folder, meta
-    reasons = [f"{bad.name}: {e}" + (f" ({e.detail})" if e.detail else "") for bad, e in failed]
-    for reason in reasons:
-        logger.debug("checkpoint %s", reason)
-    raise CheckpointError(f"no orbax checkpoint in {path} verifies ({len(failed)} found, all corrupt)", reasons=reasons)
+    return newest_valid(candidates, _checked, f"no orbax checkpoint in {path}", lambda f: f"step {f.name}")
 
 
 # --------------------------------------------------------------------------- pruning
