@@ -116,19 +116,29 @@ def memory_bandwidth_gbs(nbytes: int = 512 * 2**20, repeats: int = 7, threads: i
     return {"gbs": by_method[best], "method": best, "by_method": by_method, "bytes": a.nbytes}
 
 
+# The instruction-set extensions that decide CPU speed here (matmul width, bf16/int8 units), as /proc/cpuinfo names them.
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
 def machine_info() -> dict[str, Any]:
-    """CPU model, usable cores, load average and library versions, for the results header."""
-    model = platform.processor() or platform.machine()
+    """CPU model with its relevant ISA flags (AVX2, AVX-512, AMX...), usable cores, load average and library
+    versions, for the results header: every result names the CPU kind it was measured on."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
+            for line in f:  # the first processor's fields
+                key, _, value = line.partition(":")
+                if not key.strip():
                     break
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    isa = [f for f in ISA_FLAGS if f in flags]
     info: dict[str, Any] = {
-        "cpu": model,
+        "cpu": f"{model} [{' '.join(isa) or 'no AVX2'}]",
+        "isa": isa,
         "cores": usable_cores(),
         "python": platform.python_version(),
         "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
