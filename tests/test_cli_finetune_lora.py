@@ -138,3 +138,19 @@ def test_instruct_with_lora_exports_peft_lora_and_merged_hf(base_run: Path, inst
 
     rc, _, err = _run(capsys, "convert", str(base_run), str(tmp_path / "no"), "--to", "peft")
     assert rc == 2 and "not a LoRA run" in err
+
+
+def test_a_lora_run_with_orbax_checkpoints_exports_its_adapters(base_run: Path, data_csv: Path, tmp_path: Path,
+                                                                capsys) -> None:
+    from flaxgpt.io.adapters import load_lora
+    from flaxgpt.io.checkpoint import load_lora_from_checkpoint
+
+    out = tmp_path / "orbax-lora"
+    rc, text, _ = _run(capsys, *_classify(base_run, data_csv, out, "--max-steps", "3", "--checkpoint-format", "orbax"))
+    assert rc == 0, text
+    assert (out / "orbax").is_dir() and not (out / "checkpoints").exists()
+    _, base, lora, info = load_lora_from_checkpoint(out)
+    assert info["lora"]["rank"] == 4
+    rc, _, _ = _run(capsys, "convert", str(out), str(tmp_path / "alone"), "--to", "lora")
+    assert rc == 0 and _leaves_equal(load_lora(tmp_path / "alone", base), lora)
+    assert _leaves_equal(load_lora(out / "adapters", base), lora)  # the run's own export, the same

@@ -394,7 +394,7 @@ def load_lora_from_checkpoint(
     """Loads a LoRA fine-tuning run's base parameters and adapters, unmerged (e.g. to export the adapters).
 
     Args:
-      path: a run directory or a ``step_*`` checkpoint folder of a LoRA run.
+      path: a run directory or a checkpoint folder of a LoRA run (either format).
       allow_non_finite: load parameters holding NaN or inf instead of refusing them.
 
     Returns:
@@ -403,12 +403,17 @@ def load_lora_from_checkpoint(
     Raises:
       CheckpointError: the run is not a LoRA run, or its adapters do not fit its base.
     """
-    ckpt, meta = resolve_checkpoint(path)
-    flat = _read_tensors(ckpt, meta, prefix="params/")
-    if not allow_non_finite:
-        for name, arr in flat.items():
-            check_finite(arr, name, str(ckpt / TENSORS_FILE))
-    params = unflatten_dict({n[len("params/") :]: jnp.asarray(v) for n, v in flat.items()})
+    if _is_orbax(path):
+        from flaxgpt.io.orbax_checkpoint import load_params_from_orbax
+
+        ckpt, meta, _, params = load_params_from_orbax(path, allow_non_finite=allow_non_finite)
+    else:
+        ckpt, meta = resolve_checkpoint(path)
+        flat = _read_tensors(ckpt, meta, prefix="params/")
+        if not allow_non_finite:
+            for name, arr in flat.items():
+                check_finite(arr, name, str(ckpt / TENSORS_FILE))
+        params = unflatten_dict({n[len("params/") :]: jnp.asarray(v) for n, v in flat.items()})
     lora = _checkpoint_lora(ckpt, meta, params)
     if lora is None:
         raise CheckpointError(f"{ckpt} is not a LoRA run (its params have no lora/ adapters)")

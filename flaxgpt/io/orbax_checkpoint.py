@@ -64,7 +64,7 @@ from flaxgpt.validation import check_int
 __all__ = [
     "CheckpointError", "ORBAX", "OrbaxCheckpoints", "save_orbax_checkpoint", "wait_orbax_checkpoints",
     "restore_orbax_checkpoint", "load_model_from_orbax", "is_orbax_run", "list_orbax_checkpoints",
-    "latest_orbax_checkpoint", "resolve_orbax_checkpoint",
+    "latest_orbax_checkpoint", "resolve_orbax_checkpoint", "load_params_from_orbax",
 ]  # fmt: skip
 
 _MANAGERS: dict[Path, OrbaxCheckpoints] = {}
@@ -376,6 +376,23 @@ def load_model_from_orbax(
     Raises:
       ValueError: a parameter holds NaN or inf (named, with the count), unless ``allow_non_finite``.
     """
+    folder, meta, cfg, params = load_params_from_orbax(path, allow_non_finite=allow_non_finite)
+    return model_from_params(folder, meta, cfg, params, dtype)
+
+
+def load_params_from_orbax(
+    path: str | os.PathLike[str], *, allow_non_finite: bool = False
+) -> tuple[Path, dict[str, Any], GPTConfig, Any]:
+    """The step folder, metadata, model config and saved params of an orbax run, on one local device, as
+    saved (a LoRA run's ``{"base", "lora"}`` unmerged).
+
+    Args:
+      path: a run directory (its newest verified step) or a step folder.
+      allow_non_finite: load parameters holding NaN or inf instead of refusing them.
+
+    Returns:
+      (step folder, metadata, config, params).
+    """
     folder, meta = resolve_orbax_checkpoint(path)
     try:
         cfg = GPTConfig.from_dict(meta["config"])
@@ -391,4 +408,4 @@ def load_model_from_orbax(
         for name, value in zip(names, values):
             check_finite(np.asarray(value), name, str(folder / STATE_ITEM))
     params = unflatten_dict({n[len("params/") :]: v for n, v in zip(names, values)})
-    return model_from_params(folder, meta, cfg, params, dtype)
+    return folder, meta, cfg, params
