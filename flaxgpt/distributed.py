@@ -25,8 +25,9 @@ __all__ = ["CLUSTER_ENV", "initialize", "is_primary", "process_count", "process_
 
 logger = logging.getLogger(__name__)
 
-# Environment variables by which jax.distributed.initialize() finds the cluster without arguments.
-CLUSTER_ENV = ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS")
+# Environment variables by which jax.distributed.initialize() finds the cluster without arguments (SLURM only
+# with more than one task: a one-task job inside an allocation is one process).
+CLUSTER_ENV = ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS")
 WATCHDOG_EXIT = 3
 _initialized = False
 
@@ -70,7 +71,7 @@ def initialize(
             raise ValueError(f"--process-id must be in [0, {num_processes}), got {process_id}")
         if num_processes == 1:
             return False
-    elif not any(os.environ.get(v) for v in CLUSTER_ENV):
+    elif not _cluster_in_environment():
         return False
     if _initialized:
         return True
@@ -95,6 +96,13 @@ def initialize(
         logger.info("%d processes, %d devices (%d on this one)", jax.process_count(), jax.device_count(),
                     jax.local_device_count())
     return True
+
+
+def _cluster_in_environment() -> bool:
+    """A multi-process job that jax.distributed.initialize() can find without arguments."""
+    if os.environ.get("SLURM_NTASKS", "1").strip() not in ("", "1"):
+        return True
+    return any(os.environ.get(v) for v in CLUSTER_ENV if v != "SLURM_NTASKS")
 
 
 def process_index() -> int:

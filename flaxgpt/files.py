@@ -81,11 +81,19 @@ def atomic_file(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[A
     fsync_dir(path.parent)
 
 
-def _umask() -> int:
-    """The process umask (read by setting it and putting it back)."""
+def _read_umask() -> int:
+    """The process umask, read once at import (reading it means setting it, which must not race with threads
+    creating files later)."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()
+
+
+def _umask() -> int:
+    return _UMASK
 
 
 def rename_durably(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:

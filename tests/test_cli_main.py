@@ -55,7 +55,8 @@ def test_a_learned_tokenizer_run_is_not_exported_as_gpt2(learned_run: Path, tmp_
 
 def test_time_is_cumulative_and_samples_are_kept_across_a_resume(learned_run: Path, capsys) -> None:
     first = [json.loads(line) for line in (learned_run / "metrics.jsonl").read_text().splitlines()]
-    argv = ["train", "--out", str(learned_run), "--resume", "--max-steps", "8"]
+    # resumed with the same --tokenizer learned as the run was started with: the run's learned tokenizer
+    argv = ["train", "--out", str(learned_run), "--resume", "--max-steps", "8", "--tokenizer", "learned"]
     assert main(argv) == 0
     records = [json.loads(line) for line in (learned_run / "metrics.jsonl").read_text().splitlines()]
     later = [r for r in records if r["step"] > first[-1]["step"]]

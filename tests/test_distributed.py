@@ -13,8 +13,11 @@ from flaxgpt.distributed import WATCHDOG_EXIT, Watchdog, initialize, is_primary
 
 
 def test_one_process_needs_no_job(monkeypatch) -> None:
-    for var in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS"):
+    for var in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS"):
         monkeypatch.delenv(var, raising=False)
+    assert initialize() is False
+    monkeypatch.setenv("SLURM_JOB_ID", "7")  # one task of a SLURM allocation is one process
+    monkeypatch.setenv("SLURM_NTASKS", "1")
     assert initialize() is False
     assert initialize("127.0.0.1:1234", 1, 0) is False  # one process: nothing to join
     assert is_primary()

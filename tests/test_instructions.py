@@ -204,3 +204,16 @@ def test_book_loaders_compile_a_handful_of_widths(book_data: list[dict], gpt2_to
     assert len(exact) > 25 and len(widths) <= 4, (sorted(exact), sorted(widths))
     inputs, targets = next(iter(train.batches(0)))
     assert inputs.shape[0] == 8 and inputs.shape[1] in widths and (inputs[:, -1] == 50256).any()
+
+
+def test_process_shares_are_collated_with_the_whole_global_batch(book_data: list[dict], gpt2_tok) -> None:
+    """On several processes each process's rows are padded to the global batch's width (a ragged share
+    would give each process another shape, and the processes' programs would not match)."""
+    splits = book_split(book_data)
+    whole = instruction_loaders(splits, gpt2_tok, batch_size=8, allowed_max_length=1024)["train"]
+    shares = [instruction_loaders(splits, gpt2_tok, batch_size=8, allowed_max_length=1024)["train"].for_process(i, 2)
+              for i in range(2)]
+    for batch, a, b in zip(whole.batches(0), shares[0].batches(0), shares[1].batches(0)):
+        for full, x, y in zip(batch, a, b):
+            assert x.shape == y.shape == (4, full.shape[1])
+            np.testing.assert_array_equal(np.concatenate([x, y]), full)

@@ -187,3 +187,17 @@ def test_finetune_classify_on_two_processes(text: Path, data_csv: Path, tmp_path
     assert (tmp_path / "two" / "adapters" / "lora.json").is_file()  # gathered from both processes
     results = json.loads((tmp_path / "two" / "results.json").read_text())
     assert results["trainable_params"] == json.loads((tmp_path / "one" / "results.json").read_text())["trainable_params"]
+
+
+def test_a_signal_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(text: Path, tmp_path: Path) -> None:
+    out = tmp_path / "signal"
+    procs = _start_two(text, out, "--max-steps", "2000", "--checkpoint-every", str(EVERY))
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while not (out / "orbax" / str(EVERY)).is_dir():
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "no checkpoint in time"
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)  # SLURM or a TPU runtime may signal the processes one by one
+    (rc0, out0, _), (rc1, _, err1) = _wait(procs, timeout=120)
+    assert rc0 == rc1 == 128 + signal.SIGTERM, err1[-2000:]
+    step = int(out0.split("step ", 1)[1].split(" ", 1)[0])
+    assert (out / "orbax" / str(step) / "flaxgpt-manifest-1.json").is_file()  # saved together, complete

@@ -55,9 +55,8 @@ def _error_line(command: str, error: BaseException, verbose: bool) -> str:
     """The one line printed for an expected failure; errors with per-item reasons (e.g. every
     checkpoint of a run is corrupt) say where to find them."""
     hint = "; run with --verbose for the reasons" if getattr(error, "reasons", ()) and not verbose else ""
-    message = str(error)
-    if isinstance(error, ConnectionError):  # a download's "tried ..." list: one line
-        message = "; ".join(part.strip(" -") for part in message.splitlines() if part.strip())
+    message = str(error)  # one line, whatever the error embeds (a download's "tried ..." list, orbax's text)
+    message = "; ".join(part.strip(" -") for part in message.splitlines() if part.strip())
     return f"flaxgpt {command}: error: {message}{hint}"
 
 

@@ -124,6 +124,9 @@ def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Path, Path | Non
             raise CLIError("--resume needs --out DIR (the run to continue) or a checkpoint path")
         ckpt, meta = resolve_checkpoint(Path(args.out if args.resume == "latest" else args.resume))
         saved = dict(meta.get("extra", {}).get("train_args", {}))
+        chosen = str(saved.get("tokenizer", ""))
+        if given.get("tokenizer") == "auto" or (given.get("tokenizer") == "learned" and chosen.startswith("bpe-")):
+            given.pop("tokenizer")  # the same choice, as the run resolved it: the run's tokenizer
         for k in DATA_OPTIONS:
             if k in given and k in saved and given[k] != saved[k]:
                 raise CLIError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from flaxgpt.text.bpe import gpt2_tokenizer
@@ -221,10 +222,10 @@ class DataLoader:
         share = b // self.process_count
         lo = self.process_index * share
         for i in range(start, n_batches):
-            rows = order[i * b : (i + 1) * b]  # (B,) the global batch
-            if self.process_count > 1:
-                rows = rows[lo : lo + share]  # (B / P,) this process's share
-            yield self.dataset.get_batch(rows)  # (B, L), (B, L)
+            batch = self.dataset.get_batch(order[i * b : (i + 1) * b])  # the global batch: (B, L), (B, L)
+            if self.process_count > 1:  # this process's rows, collated with the others' (same padded width)
+                batch = jax.tree.map(lambda x: x[lo : lo + share], batch)  # (B / P, L) each
+            yield batch
 
     def __iter__(self) -> Iterator[Batch]:
         epoch = self._epoch

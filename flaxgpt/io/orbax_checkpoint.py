@@ -315,14 +315,17 @@ def _check_fits(folder: Path, meta: Mapping[str, Any], names: list[str], leaves:
 
 
 def _restore(folder: Path, names: list[str], leaves: list[Any], partial: bool = False) -> list[jax.Array]:
-    """Reads the named leaves into the shardings of ``leaves`` (one local device where they have none)."""
+    """Reads the named leaves into the shardings of ``leaves``; where they have none, onto one local device (one
+    process) or replicated on every device (several processes: every process then holds the whole array)."""
     abstract = {}
+    everywhere = None
+    if jax.process_count() > 1:
+        everywhere = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("all",)),
+                                                jax.sharding.PartitionSpec())
     for n, leaf in zip(names, leaves):
         sharding = getattr(leaf, "sharding", None)
         if sharding is None:
-            if jax.process_count() > 1:
-                raise CheckpointError(f"template leaf {n!r} has no sharding: on several processes every leaf needs one")
-            sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            sharding = everywhere or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract[n] = jax.ShapeDtypeStruct(np.shape(leaf), jnp.result_type(leaf), sharding=sharding)
     tree = unflatten_dict(abstract)
     args = ocp.args.PyTreeRestore(item=tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree),

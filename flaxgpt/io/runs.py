@@ -62,13 +62,13 @@ def run_checkpoint_format(run: PathLike, requested: str = "auto") -> str:
         raise ValueError(f'checkpoint format must be "auto", "safetensors" or "orbax", got {requested!r}')
     if have is not None and requested not in ("auto", have):
         raise ValueError(f"{run} holds {have} checkpoints; --checkpoint-format {requested} would mix formats")
+    multi = jax.process_count() > 1
+    if multi and (have == "safetensors" or requested == "safetensors"):
+        raise ValueError("safetensors checkpoints are written by one process; on several processes use orbax "
+                         f"(for a one-process run such as {run}: continue it on one process, or start a new --out)")
     if have is not None:
         return have
-    if requested == "auto":
-        return "orbax" if jax.process_count() > 1 else "safetensors"
-    if requested == "safetensors" and jax.process_count() > 1:
-        raise ValueError("safetensors checkpoints are written by one process; use orbax on several processes")
-    return requested
+    return ("orbax" if multi else "safetensors") if requested == "auto" else requested
 
 
 def has_checkpoints(run: PathLike) -> bool:

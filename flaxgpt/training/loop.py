@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from flaxgpt.training.evaluation import evaluate, evaluate_metrics, greedy_sample, placer, stepper
 from flaxgpt.training.run_dir import Position, RunDir
@@ -174,20 +175,33 @@ class _Loop:
         self.run.log_sample(record)
         self.emit("sample", record)
 
-    def train_batch(self, batch: Any, b: int) -> bool:
+    def train_batch(self, batch: Any, b: int, stop: _StopFlag | None = None) -> bool:
         """One micro-batch at index ``b`` of the epoch; True at an optimizer-update boundary."""
         self.state, loss_arr = self.step(self.state, self.place(batch), self.key)
         loss = float(loss_arr)
         if not math.isfinite(loss):
             raise NonFiniteLossError(self.non_finite_message(loss, b))
         self.micro += 1
-        self.tokens_seen += self.task.count(batch) * self.processes  # each process holds 1/P of the batch
+        self.tokens_seen += self._agree(self.task.count(batch), stop)
         boundary = self.micro % self.opts.accumulate_steps == 0
         if boundary:
             self.updates += 1
         info = {"step": self.updates, "micro_step": self.micro, "epoch": self.epoch + 1, "loss": loss}
         self.emit("step", dict(info, tokens_seen=self.tokens_seen, time_s=time.perf_counter() - self.t0))
         return boundary
+
+    def _agree(self, count: int, stop: _StopFlag | None) -> int:
+        """On several processes: the batch's count summed over them (each holds its share), and a signal any
+        of them got, taken by all, so that every process stops at the same step and saves together."""
+        if self.processes == 1:
+            return count
+        from jax.experimental import multihost_utils
+
+        signum = (stop.signum if stop is not None else None) or 0
+        both = np.asarray(multihost_utils.process_allgather(np.array([count, signum], np.int64)))  # (P, 2)
+        if stop is not None and int(both[:, 1].max()):
+            stop.signum = int(both[:, 1].max())
+        return int(both[:, 0].sum())
 
     def non_finite_message(self, loss: float, b: int) -> str:
         ckpts = self.run.checkpoints()
@@ -200,7 +214,7 @@ class _Loop:
         """Trains the current epoch from ``first_batch`` until its end, ``max_steps`` or a signal."""
         max_steps, b = self.opts.max_steps, self.first_batch
         for batch in self.train.batches(self.epoch, self.first_batch):
-            boundary = self.train_batch(batch, b)
+            boundary = self.train_batch(batch, b, stop)
             b += 1
             if boundary and (self.updates - 1) % self.opts.eval_freq == 0:
                 self.evaluate(self.epoch, b)
