@@ -240,3 +240,20 @@ def test_fine_tuning_really_learns_a_rule(base_run: Path, tmp_path: Path, capsys
     assert rc == 0, err
     accuracy = json.loads((out / "results.json").read_text())["accuracy"]
     assert accuracy["test"] >= 0.9 > majority + 0.1, (accuracy, majority)
+
+
+def test_from_scratch_resume_keeps_the_runs_tokenizer(data_csv: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    import tiktoken
+
+    out = tmp_path / "scratch"
+    argv = ["finetune", "classify", "--from-scratch", "--data", str(data_csv), "--out", str(out), "--batch-size", "4",
+            "--eval-freq", "2", "--eval-iter", "1", "--epochs", "1", "--checkpoint-every", "2"]
+    with monkeypatch.context() as m:  # no GPT-2 files: the run starts on bytes
+        m.delenv("FLAXGPT_GPT2_BPE_DIR", raising=False)
+        m.setattr(tiktoken, "get_encoding", lambda name: (_ for _ in ()).throw(ConnectionError("offline")))
+        rc, text, _ = _run(capsys, *argv, "--max-steps", "2")
+        assert rc == 0, text
+    # GPT-2's files are back (if the machine has them): the resumed run still uses bytes
+    rc, text, err = _run(capsys, *argv, "--max-steps", "3", "--resume")
+    assert rc == 0 and "resuming" in text, err
+    assert json.loads((out / "config.json").read_text())["tokenizer"] == "bytes"

@@ -166,7 +166,7 @@ def _resume_from(args: argparse.Namespace, out: Path, s: dict[str, Any]) -> Path
     return ckpt
 
 
-def _base_model(args: argparse.Namespace, drop_rate: float) -> tuple[Any, Any, str]:
+def _base_model(args: argparse.Namespace, drop_rate: float, out: Path) -> tuple[Any, Any, str]:
     """(config, params, tokenizer name) of the language model to fine-tune."""
     import jax
 
@@ -177,10 +177,16 @@ def _base_model(args: argparse.Namespace, drop_rate: float) -> tuple[Any, Any, s
     from flaxgpt.nn.params import init_params
 
     if args.from_scratch:  # GPT-2's tokenizer when its files are there, else bytes (no corpus to learn from)
-        try:
-            _, name = _tokenizer("gpt2")
-        except CLIError:
-            name = "bytes"
+        from flaxgpt.files import read_json
+
+        saved = out / "config.json"
+        if args.resume and saved.is_file():  # a resumed run keeps the tokenizer it started with
+            name = str(read_json(saved).get("tokenizer", "gpt2"))
+        else:
+            try:
+                _, name = _tokenizer("gpt2")
+            except CLIError:
+                name = "bytes"
         vocab = 50257 if name == "gpt2" else 257
         cfg = GPTConfig(vocab_size=vocab, **{**DEFAULT_MODEL, "drop_rate": drop_rate})
         return cfg, init_params(cfg, jax.random.key(0)), name
@@ -425,7 +431,7 @@ def _run_classify(args: argparse.Namespace) -> int:
     s = _settings(args, DEFAULTS)
     out = Path(args.out or "runs/classify")
     ckpt = _resume_from(args, out, s)
-    cfg, params, tok_name = _base_model(args, s["drop_rate"])
+    cfg, params, tok_name = _base_model(args, s["drop_rate"], out)
     tok = _run_tokenizer(tok_name, args, out)
     data = _classify_data(s, tok, cfg.context_length)
     head_key, key = jax.random.split(jax.random.key(s["seed"]))
@@ -505,7 +511,7 @@ def _run_instruct(args: argparse.Namespace) -> int:
     s = {**_settings(args, INSTRUCT_DEFAULTS), "mask_instruction": bool(args.mask_instruction)}
     out = Path(args.out or "runs/instruct")
     ckpt = _resume_from(args, out, s)
-    cfg, params, tok_name = _base_model(args, s["drop_rate"])
+    cfg, params, tok_name = _base_model(args, s["drop_rate"], out)
     tok = _run_tokenizer(tok_name, args, out)
     data = _instruct_data(s, tok, cfg.context_length)
     loaders = data["loaders"]
