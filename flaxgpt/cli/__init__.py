@@ -56,7 +56,8 @@ def _error_line(command: str, error: BaseException, verbose: bool) -> str:
     checkpoint of a run is corrupt) say where to find them."""
     hint = "; run with --verbose for the reasons" if getattr(error, "reasons", ()) and not verbose else ""
     message = str(error)  # one line, whatever the error embeds (a download's "tried ..." list, orbax's text)
-    message = "; ".join(part.strip(" -") for part in message.splitlines() if part.strip())
+    parts = [re.sub(r"^- ", "", p.strip()) for p in message.splitlines() if p.strip()]  # bullets: their text
+    message = "".join(p if i == 0 else (" " if parts[i - 1].endswith(":") else "; ") + p for i, p in enumerate(parts))
     return f"flaxgpt {command}: error: {message}{hint}"
 
 
