@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 __all__ = ["BookLayerNorm", "BookGELU", "BookMultiHeadAttention", "BookTransformerBlock", "BookGPTModel",
-           "book_model_from_params"]
+           "book_model_from_params", "book_classifier_steps"]
 
 
 class BookLayerNorm(nn.Module):
@@ -107,3 +107,23 @@ def book_model_from_params(params, cfg):
         state["out_head.bias"] = np.asarray(params["out_head"]["bias"])
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
     return model
+
+
+def book_classifier_steps(model, batches, lr: float, weight_decay: float):
+    """The book's chapter-6 training steps (``train_classifier_simple``'s inner loop: ``calc_loss_batch`` on the
+    last position, ``torch.optim.AdamW`` over ``model.parameters()``), one per batch; the per-step losses.
+    The caller chooses what trains (``requires_grad``); the model is left in eval mode."""
+    import numpy as np
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    losses = []
+    model.train()  # drop_rate is 0: train mode changes nothing but is what the book runs
+    for b in batches:
+        optimizer.zero_grad()
+        logits = model(torch.as_tensor(b["input_ids"]).long())[:, -1, :]  # calc_loss_batch
+        loss = torch.nn.functional.cross_entropy(logits, torch.as_tensor(b["labels"]).long())
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    return np.asarray(losses)

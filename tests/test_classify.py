@@ -64,7 +64,7 @@ def _loader(cfg, n: int, seed: int, shuffle: bool, batch: int = 4) -> DataLoader
 def _torch_reference(cfg, params, train_batches, val_batches, lr: float, weight_decay: float):
     """The book's chapter-6 code on the same weights and batches: last-block fine-tuning, AdamW."""
     torch = pytest.importorskip("torch")
-    from _book_torch import book_model_from_params
+    from _book_torch import book_classifier_steps, book_model_from_params
 
     model = book_model_from_params(params, cfg)
     for p in model.parameters():
@@ -72,24 +72,14 @@ def _torch_reference(cfg, params, train_batches, val_batches, lr: float, weight_
     for module in (model.trf_blocks[-1], model.final_norm, model.out_head):
         for p in module.parameters():
             p.requires_grad = True
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    losses = []
-    model.train()  # drop_rate is 0: train mode changes nothing but is what the book runs
-    for b in train_batches:
-        optimizer.zero_grad()
-        logits = model(torch.as_tensor(b["input_ids"]).long())[:, -1, :]  # calc_loss_batch
-        loss = torch.nn.functional.cross_entropy(logits, torch.as_tensor(b["labels"]).long())
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    model.eval()
+    losses = book_classifier_steps(model, train_batches, lr, weight_decay)
     correct = examples = 0
     with torch.no_grad():  # calc_accuracy_loader
         for b in val_batches:
             pred = torch.argmax(model(torch.as_tensor(b["input_ids"]).long())[:, -1, :], dim=-1)
             examples += pred.shape[0]
             correct += (pred == torch.as_tensor(b["labels"]).long()).sum().item()
-    return np.asarray(losses), correct / examples
+    return losses, correct / examples
 
 
 def test_last_block_fine_tuning_matches_the_books_pytorch_code(classifier) -> None:

@@ -77,7 +77,7 @@ def _torch_lora_reference(cfg, params, lora: LoRA, batches, eval_batch):
     AdamW(weight_decay=0.1) on ``model.parameters()``, the chapter-6 ``calc_loss_batch``."""
     torch = pytest.importorskip("torch")
     from _book_lora_torch import LinearWithLoRA, replace_linear_with_lora
-    from _book_torch import book_model_from_params
+    from _book_torch import book_classifier_steps, book_model_from_params
 
     model = book_model_from_params(params, cfg)
     for p in model.parameters():
@@ -91,22 +91,12 @@ def _torch_lora_reference(cfg, params, lora: LoRA, batches, eval_batch):
         with torch.no_grad():
             layer.A.copy_(torch.from_numpy(np.array(ab["A"])))  # the same draw of A
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # the book's count
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
-    losses = []
-    model.train()  # drop_rate is 0: train mode changes nothing but is what the book runs
-    for b in batches:
-        optimizer.zero_grad()
-        logits = model(torch.as_tensor(b["input_ids"]).long())[:, -1, :]  # calc_loss_batch
-        loss = torch.nn.functional.cross_entropy(logits, torch.as_tensor(b["labels"]).long())
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    model.eval()
+    losses = book_classifier_steps(model, batches, LR, WD)
     with torch.no_grad():
         logits = model(torch.as_tensor(eval_batch["input_ids"]).long())[:, -1, :].numpy()
     final = {p: {"A": model.get_submodule(_torch_path(p)).lora.A.detach().numpy(),
                  "B": model.get_submodule(_torch_path(p)).lora.B.detach().numpy()} for p in lora.layers}
-    return np.asarray(losses), trainable, final, logits
+    return losses, trainable, final, logits
 
 
 def test_lora_training_matches_the_books_appendix_e_pytorch_code(classifier) -> None:
