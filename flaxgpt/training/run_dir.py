@@ -20,8 +20,9 @@ from typing import Any
 
 from safetensors import SafetensorError
 
-from flaxgpt.distributed import is_primary, process_count
+from flaxgpt.distributed import is_primary
 from flaxgpt.io.checkpoint import list_checkpoints, save_checkpoint
+from flaxgpt.io.runs import run_checkpoint_format
 from flaxgpt.training.metrics import METRICS_FILE, append_metrics, read_metrics, truncate_metrics
 
 __all__ = ["LOSS_PLOT", "SAMPLES_FILE", "Position", "RunDir", "RunDirError"]
@@ -85,8 +86,8 @@ class RunDir:
         self.path = Path(self.path) if self.path is not None else None
         if self.checkpoint_format not in ("auto", "safetensors", "orbax"):
             raise ValueError(f'checkpoint_format must be "auto", "safetensors" or "orbax", got {self.checkpoint_format!r}')
-        if self.checkpoint_format == "auto":
-            self.checkpoint_format = "orbax" if process_count() > 1 else "safetensors"
+        if self.path is not None:  # the rule of flaxgpt.io.runs: the run's own format, else orbax on several processes
+            self.checkpoint_format = run_checkpoint_format(self.path, self.checkpoint_format)
         self.primary = is_primary()
 
     @property
