@@ -90,10 +90,28 @@ def jax_category(op_name: str) -> str:
 
 
 def _hlo_op_names(hlo_text: str) -> dict[str, str]:
-    """``{instruction name: op_name metadata}`` for every instruction of a compiled HLO module."""
-    names = {}
-    for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{op_name=\"([^\"]*)\"", hlo_text, re.M):
-        names[m.group(1)] = m.group(2)
+    """``{instruction name: op_name metadata}`` for every instruction of a compiled HLO module.
+
+    Instructions that XLA's passes created without metadata (e.g. the ``dot`` of a rewritten
+    matrix-vector product) take the op_name of their first user that has one, else of an operand.
+    """
+    names: dict[str, str] = {}
+    operands: dict[str, list[str]] = {}
+    users: dict[str, list[str]] = collections.defaultdict(list)
+    for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = [^(]*?\w[\w\-]*\((.*)$", hlo_text, re.M):
+        name, rest = m.group(1), m.group(2)
+        meta = re.search(r'metadata=\{op_name="([^"]*)"', rest)
+        if meta:
+            names[name] = meta.group(1)
+        args = re.findall(r"%([\w.\-]+)", rest.split("), ")[0])
+        operands[name] = args
+        for a in args:
+            users[a].append(name)
+    for name in operands:
+        if name not in names:
+            near = [u for u in users.get(name, []) if u in names] or [o for o in operands[name] if o in names]
+            if near:
+                names[name] = names[near[0]]
     return names
 
 

@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxgpt.nn.matmul import matmul_2d
+
 __all__ = ["Initializer", "chunked", "torch_uniform", "dense", "embedding_init"]
 
 Initializer = Callable[..., jax.Array]
@@ -99,30 +101,6 @@ def dense(
         name=name,
     )
 
-
-def matmul_2d(
-    lhs: jax.Array,
-    rhs: jax.Array,
-    dimension_numbers: Any,
-    precision: Any = None,
-    preferred_element_type: Any = None,
-) -> jax.Array:
-    """``lax.dot_general`` for a Dense layer, with the leading dims of ``lhs`` flattened: (..., in) @ (in, out)
-    as one (N, in) @ (in, out) matrix product.
-
-    The same numbers as the batched contraction; XLA:CPU runs the 2-D form and its two backward products
-    (``dx = dy W^T``, ``dW = x^T dy``) faster than the (B, T, in) form, whose weight gradient contracts two
-    axes (measured in ``benchmarks/breakdown.py``). Other contractions fall through unchanged.
-    """
-    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
-    plain = tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,) and rhs.ndim == 2
-    if lhs.ndim <= 2 or lhs_batch or rhs_batch or not plain:
-        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type=preferred_element_type)
-    out = jax.lax.dot_general(
-        lhs.reshape(-1, lhs.shape[-1]), rhs, (((1,), (0,)), ((), ())), precision,
-        preferred_element_type=preferred_element_type,
-    )  # (N, out)
-    return out.reshape(*lhs.shape[:-1], rhs.shape[-1])  # (..., out)
 
 
 def embedding_init(init: str) -> Initializer:

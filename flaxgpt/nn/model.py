@@ -15,6 +15,7 @@ from flaxgpt.config import GPTConfig
 from flaxgpt.nn.initializers import dense, embedding_init
 from flaxgpt.nn.kv_cache import KVCache
 from flaxgpt.nn.layers import LayerNorm, TransformerBlock
+from flaxgpt.nn.matmul import tied_logits
 from flaxgpt.validation import check_token_ids, is_concrete
 
 __all__ = ["GPTModel", "Params", "Positions", "forward", "check_token_ids"]
@@ -149,7 +150,7 @@ class GPTModel(nn.Module):
         output of ``return_hidden=True`` (tied configs use ``tok_emb``'s table).
         """
         if self.cfg.tie_embeddings:
-            logits = self.tok_emb.attend(hidden)  # (..., V)
+            logits = tied_logits(hidden, self.tok_emb.embedding, self.cfg.compute_dtype)  # (..., V)
         else:
             logits = self.out_head(hidden)  # (..., V)
         return logits.astype(jnp.float32)
