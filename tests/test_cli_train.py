@@ -83,6 +83,7 @@ def test_outputs_and_exact_resume(tmp_path, text_file, capsys):
         assert (straight / name).is_file(), name
     config = json.loads((straight / "config.json").read_text())
     assert config["model"]["emb_dim"] == 16 and config["train"]["stride"] is None
+    assert config["model"]["scan_layers"] is True  # the default layout: one compiled block, scanned
     assert [s for s, *_ in _losses(straight)] == [1, 3, 5, 6]
 
     resumed = tmp_path / "resumed"
@@ -98,6 +99,22 @@ def test_outputs_and_exact_resume(tmp_path, text_file, capsys):
     assert rc == 2 and "--resume" in err
     rc, _, err = _run_cli(["--out", str(resumed), "--resume", "--batch-size", "4"], capsys)
     assert rc == 2 and "exact resume" in err
+    rc, _, err = _run_cli(["--out", str(resumed), "--resume", "--layers", "unrolled"], capsys)
+    assert rc == 2 and "--layers unrolled differs from the checkpoint's layout (scan)" in err
+
+
+def test_unrolled_layers_train_the_same_model_without_dropout(tmp_path, text_file, capsys):
+    """--layers picks the layout only: the same seed gives the same weights, and without dropout the same
+    losses (dropout masks are drawn per layout)."""
+    common = ["--text", str(text_file), *TINY, "--drop-rate", "0", "--eval-freq", "2", "--eval-iter", "2"]
+    for layers in ("scan", "unrolled"):
+        assert _run_cli([*common, "--out", str(tmp_path / layers), "--max-steps", "4", "--layers", layers],
+                        capsys)[0] == 0
+    config = json.loads((tmp_path / "unrolled" / "config.json").read_text())
+    assert config["model"]["scan_layers"] is False
+    for (s1, a1, b1, n1), (s2, a2, b2, n2) in zip(_losses(tmp_path / "scan"), _losses(tmp_path / "unrolled"),
+                                                  strict=True):
+        assert (s1, n1) == (s2, n2) and a1 == pytest.approx(a2, rel=1e-4) and b1 == pytest.approx(b2, rel=1e-4)
 
     for f in tmp_path.rglob("*"):
         if f.is_file():
@@ -214,7 +231,8 @@ def test_metrics_match_the_fixture_recorded_before_the_redesign(tmp_path, capsys
     run = str(tmp_path / "run")
     first = ["--text", "verdict", "--tokenizer", "gpt2", "--emb-dim", "32", "--n-layers", "2", "--n-heads", "2",
              "--context-length", "32", "--batch-size", "4", "--max-steps", "20", "--eval-freq", "5",
-             "--eval-iter", "2", "--checkpoint-every", "10", "--seed", "123", "--out", run]
+             "--eval-iter", "2", "--checkpoint-every", "10", "--seed", "123", "--out", run,
+             "--layers", "unrolled"]  # the fixture's layout (scan draws other dropout masks)
     assert _run_cli(first, capsys)[0] == 0
     assert _run_cli(["--out", run, "--resume", "--max-steps", "40"], capsys)[0] == 0
     got = read_metrics(tmp_path / "run" / "metrics.jsonl")

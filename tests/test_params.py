@@ -265,3 +265,15 @@ def test_convert_layout(tiny, tiny_params):
     assert convert_layout(stacked, scan_cfg) is stacked
     assert convert_layout(tiny_params, tiny) is tiny_params
     jax.tree.map(np.testing.assert_array_equal, convert_layout(stacked, tiny), tiny_params)
+
+
+def test_a_seed_gives_the_same_weights_in_both_layouts(tiny_config):
+    cfg = tiny_config(qkv_bias=True)
+    unrolled = init_params(cfg, jax.random.key(3))
+    scanned = init_params(cfg.replace(scan_layers=True), jax.random.key(3))
+    assert "trf_blocks" in scanned and "trf_blocks_0" not in scanned
+    want = stack_layers(unrolled, cfg.n_layers)
+    for a, b in zip(jax.tree.leaves(scanned), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+    other = init_params(cfg.replace(scan_layers=True), jax.random.key(4))
+    assert not np.array_equal(other["tok_emb"]["embedding"], scanned["tok_emb"]["embedding"])

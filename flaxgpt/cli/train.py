@@ -75,6 +75,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--n-heads", type=int)
     m.add_argument("--context-length", type=int)
     m.add_argument("--drop-rate", type=float)
+    m.add_argument("--layers", choices=("scan", "unrolled"),
+                   help="scan: one compiled block looped over the layers (default: 3-5x faster to compile, "
+                        "as fast or faster per step); unrolled: every layer its own code")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, help=f"epochs in total (default {d['epochs']})")
     t.add_argument("--max-steps", type=int,
@@ -147,12 +150,17 @@ def _model_config(args: argparse.Namespace, settings: dict[str, Any], saved: dic
     from flaxgpt.config import GPTConfig
 
     overrides = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
+    layers = getattr(args, "layers", None)
     if saved is not None:
         cfg = GPTConfig.from_dict(saved)
         for k, v in overrides.items():
             if getattr(cfg, k) != v:
                 raise CLIError(f"--{k.replace('_', '-')} {v} differs from the checkpoint's {getattr(cfg, k)}")
+        if layers is not None and (layers == "scan") != cfg.scan_layers:
+            have = "scan" if cfg.scan_layers else "unrolled"
+            raise CLIError(f"--layers {layers} differs from the checkpoint's layout ({have}); resume without it")
         return cfg
+    overrides["scan_layers"] = (layers or "scan") == "scan"
     if settings["preset"] is not None:
         return GPTConfig.preset(settings["preset"], **overrides)
     return GPTConfig(**{**DEFAULT_MODEL, **overrides})

@@ -22,8 +22,11 @@ __all__ = [
     "convert_layout",
 ]
 
+
 @functools.partial(jax.jit, static_argnums=0)
 def _init(cfg: GPTConfig, key: jax.Array) -> Params:
+    if cfg.scan_layers:  # the same weights as the unrolled layout: a seed means one model in either layout
+        return stack_layers(_init(cfg.replace(scan_layers=False), key), cfg.n_layers)
     return GPTModel(cfg).init(key, jnp.zeros((1, 1), jnp.int32))["params"]
 
 
@@ -32,7 +35,8 @@ def init_params(cfg: GPTConfig, key: jax.Array) -> Params:
 
     Args:
       cfg: the model config (its ``init`` field picks the scheme).
-      key: a PRNG key.
+      key: a PRNG key. The same key gives the same weights in the unrolled and the scanned layout
+        (``stack_layers`` of the unrolled ones).
 
     Returns:
       The ``params`` tree (without the ``{"params": ...}`` wrapper).
