@@ -58,6 +58,9 @@ from flaxgpt.generation.stream import generate_stream
 from flaxgpt.nn.lora import LoRA, init_lora, lora_apply, merge_lora
 from flaxgpt.finetune.lora_train import lora_train_state
 from flaxgpt.io.adapters import load_lora, save_lora
+
+# Speed: int8 weight-only inference for memory-bound decoding.
+from flaxgpt.nn.quant import Int8Params, int8_apply, quantize_int8
 from flaxgpt.io.peft import save_peft
 
 # GPT-2 weights.
@@ -133,6 +136,9 @@ __all__ = [
     "InstructionTask",
     "generate_stream",
     # appendix E
+    "Int8Params",
+    "quantize_int8",
+    "int8_apply",
     "LoRA",
     "init_lora",
     "lora_apply",

@@ -214,3 +214,20 @@ def test_weights_without_the_bpe_files_are_one_line(hf_gpt2_dir, capsys, monkeyp
     code, _, err = run_cli(capsys, "generate", "--pretrained", str(folder), "--prompt", PROMPT)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "BPE files are not available" in err and "FLAXGPT_GPT2_BPE_DIR" in err and "Traceback" not in err
+
+
+def test_int8_generate_decodes_the_quantised_weights(hf_gpt2_dir, gpt2_tok, capsys):
+    from flaxgpt.generation.decode import generate
+    from flaxgpt.io.pretrained import load_any
+    from flaxgpt.nn.model import GPTModel
+    from flaxgpt.nn.quant import quantize_int8
+
+    folder, _ = hf_gpt2_dir
+    cfg, params, _ = load_any(str(folder))
+    ids = np.asarray(gpt2_tok.encode(PROMPT), np.int32)
+    want = generate(GPTModel(cfg), quantize_int8(params, cfg), ids, max_new_tokens=8)
+    base = ["generate", "--pretrained", str(folder), "--prompt", PROMPT, "--max-new-tokens", "8", "--temperature", "0"]
+    code, out, _ = run_cli(capsys, *base, "--int8")
+    assert code == 0 and out == gpt2_tok.decode([int(i) for i in want]) + "\n"
+    code, _, err = run_cli(capsys, *base, "--int8", "--dtype", "bfloat16")
+    assert code == 2 and "--int8" in err and len(err.strip().splitlines()) == 1

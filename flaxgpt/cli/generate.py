@@ -56,6 +56,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, metavar="S", help="PRNG seed for sampling (default 0)")
     p.add_argument("--eos", action="store_true", help="stop at <|endoftext|> (id 50256)")
     p.add_argument("--dtype", choices=WEIGHT_DTYPES, default=None, help="parameter/compute dtype")
+    p.add_argument("--int8", action="store_true",
+                   help="int8 weight-only decoding (per-channel scales): a quarter of the weight bytes, for "
+                        "memory-bound batch-1 generation; logits move slightly (see the README)")
     p.add_argument(
         "--allow-non-finite", action="store_true", help="load weights holding NaN or inf instead of refusing"
     )
@@ -100,6 +103,12 @@ def run(args: argparse.Namespace) -> int:
     except (RuntimeError, ValueError) as e:
         raise CLIError(str(e).strip().splitlines()[0]) from e
     ids = text_to_token_ids(args.prompt, tok)[0]  # (T,)
+    if args.int8:
+        if args.dtype not in (None, "float32"):
+            raise CLIError("--int8 quantises float32 weights: leave out --dtype")
+        from flaxgpt.nn.quant import quantize_int8
+
+        params = quantize_int8(params, cfg)
     temperature, top_k, n_new = _sampling(args, ids.size, cfg.context_length)
     t0 = time.perf_counter()
     out = generate(

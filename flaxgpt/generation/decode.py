@@ -26,6 +26,7 @@ from flaxgpt.generation.sampling import check_sampling, sample_next, sampling_ar
 from flaxgpt.nn.kv_cache import KVCache, init_cache
 from flaxgpt.nn.model import GPTModel, Params
 from flaxgpt.nn.params import unstack_layers
+from flaxgpt.nn.quant import Int8Params, int8_apply
 from flaxgpt.validation import check_int, check_language_model, check_token_ids
 
 __all__ = ["left_pad", "prefill", "decode_step", "generate"]
@@ -65,7 +66,7 @@ def prefill(
 
     Args:
       model: the model.
-      params: its parameters.
+      params: its parameters (or int8 weights: :func:`flaxgpt.nn.quant.quantize_int8`).
       idx: (B, Tb) left-padded prompt ids (see :func:`left_pad`).
       cache: an empty cache whose ``offset`` marks each row's first real column.
 
@@ -73,7 +74,7 @@ def prefill(
       (B, V) float32 logits of every row's last prompt token, and the cache advanced by Tb.
     """
     # Only the last column goes through the head: no (B, Tb, V) logits are built.
-    return model.apply({"params": params}, idx, deterministic=True, cache=cache, positions="last")  # (B, V)
+    return _apply(model, params, idx, deterministic=True, cache=cache, positions="last")  # (B, V)
 
 
 def decode_step(
@@ -83,16 +84,21 @@ def decode_step(
 
     Args:
       model: the model.
-      params: its parameters.
+      params: its parameters (or int8 weights: :func:`flaxgpt.nn.quant.quantize_int8`).
       tokens: (B,) int32 ids.
       cache: the cache so far.
 
     Returns:
       (B, V) float32 logits of the next token, and the cache advanced by one.
     """
-    return model.apply(
-        {"params": params}, tokens[:, None], deterministic=True, cache=cache, positions="last"
-    )  # (B, V)
+    return _apply(model, params, tokens[:, None], deterministic=True, cache=cache, positions="last")  # (B, V)
+
+
+def _apply(model: GPTModel, params: Params | Int8Params, *args: Any, **kwargs: Any) -> Any:
+    """``model.apply`` on float params, or on int8 weights (:func:`flaxgpt.nn.quant.int8_apply`)."""
+    if isinstance(params, Int8Params):
+        return int8_apply(model, params, *args, **kwargs)
+    return model.apply({"params": params}, *args, **kwargs)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "slots", "emit"))
@@ -123,7 +129,8 @@ def _generate_compiled(
         # Decode unrolled: a scanned model's stacked (L, ...) cache is sliced and written back per layer
         # and token (copies that made decoding 1.9x slower on CPU); the parameters are split once here.
         model = model.clone(cfg=model.cfg.replace(scan_layers=False))
-        params = unstack_layers(params)
+        if not isinstance(params, Int8Params):  # quantize_int8 already gives the unrolled layout
+            params = unstack_layers(params)
     cache = init_cache(model.cfg, b, tb + slots, offset)  # k, v: per-layer keys (B, H, D, S) and values (B, H, S, D); see init_cache
     logits, cache = prefill(model, params, idx, cache)  # (B, V)
 
@@ -290,7 +297,8 @@ def generate(
     Args:
       model: the model (its ``cfg`` fixes vocabulary and context length; parameters must be in the
         layout its ``cfg.scan_layers`` expects).
-      params: its parameters.
+      params: its parameters, or int8 weights from :func:`flaxgpt.nn.quant.quantize_int8` (faster
+        batch-1 decoding; see there).
       prompt: token ids: a 1-D sequence (one prompt), a 2-D (B, T) array, or a Python list of 1-D
         sequences of any lengths (a ragged batch, left-padded internally: greedy rows come out as if
         generated alone; sampled rows draw their own noise, row 0 as a lone prompt would).

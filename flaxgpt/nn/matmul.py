@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-__all__ = ["SMALL_ROWS", "matmul_2d", "tied_logits"]
+__all__ = ["SMALL_ROWS", "matmul_2d", "tied_logits", "int8_matmul"]
 
 # At most this many rows (B * T of a decode step) is a matrix-vector product: memory-bound.
 SMALL_ROWS = 8
@@ -78,3 +78,27 @@ def tied_logits(hidden: jax.Array, table: jax.Array, dtype: Any = None) -> jax.A
     else:
         out = jax.lax.dot_general(h, table, (((1,), (1,)), ((), ())))  # (N, V)
     return out.reshape(*hidden.shape[:-1], table.shape[0])  # (..., V)
+
+
+def int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
+    """``x @ (q * scale[:, None]).T``: (..., in) x int8 (out, in) -> (..., out) in x's dtype.
+
+    Args:
+      x: (..., in) activations.
+      q: (out, in) int8 weights.
+      scale: (out,) float32 per-output-channel scales.
+
+    Returns:
+      (..., out) outputs.
+    """
+    x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)  # (N, in)
+    if x2.shape[0] == 1:
+        # One row: a multiply-reduce along q's contiguous rows, the int8 -> float convert fused in: each
+        # weight is read once, as one byte. The barrier ties q to x: without it XLA hoists the convert
+        # out of a decode loop and keeps a float32 copy of every matrix, which it then reads each step.
+        q, x2 = jax.lax.optimization_barrier((q, x2))
+        y = jnp.sum(q.astype(jnp.float32) * x2, axis=-1)[None] * scale  # (1, out)
+    else:
+        w = (q.astype(jnp.float32) * scale[:, None]).T  # (in, out) dequantised once
+        y = matmul_2d(x2, w, (((1,), (0,)), ((), ())))  # (N, out)
+    return y.reshape(*x.shape[:-1], q.shape[0]).astype(x.dtype)  # (..., out)

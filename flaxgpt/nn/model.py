@@ -15,7 +15,7 @@ from flaxgpt.config import GPTConfig
 from flaxgpt.nn.initializers import dense, embedding_init
 from flaxgpt.nn.kv_cache import KVCache
 from flaxgpt.nn.layers import LayerNorm, TransformerBlock
-from flaxgpt.nn.matmul import tied_logits
+from flaxgpt.nn.matmul import int8_matmul, tied_logits
 from flaxgpt.validation import check_token_ids, is_concrete
 
 __all__ = ["GPTModel", "Params", "Positions", "forward", "check_token_ids"]
@@ -23,6 +23,9 @@ __all__ = ["GPTModel", "Params", "Positions", "forward", "check_token_ids"]
 Params = Any  # a nested dict of arrays
 # Which positions the model returns: "all", "last", or a (B,) / (B, K) int array of positions.
 Positions = Any
+
+# flaxgpt.nn.quant's variable collection, and its entry for a tied head's int8 table.
+INT8, INT8_HEAD = "int8", "tied_head"
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block
@@ -149,7 +152,10 @@ class GPTModel(nn.Module):
         Use it as ``model.apply({"params": p}, hidden, method=GPTModel.logits_from_hidden)`` on the
         output of ``return_hidden=True`` (tied configs use ``tok_emb``'s table).
         """
-        if self.cfg.tie_embeddings:
+        if self.cfg.tie_embeddings and self.has_variable(INT8, INT8_HEAD):  # int8 weights (flaxgpt.nn.quant)
+            head = self.get_variable(INT8, INT8_HEAD)
+            logits = int8_matmul(hidden, head["q"], head["scale"])  # (..., V)
+        elif self.cfg.tie_embeddings:
             logits = tied_logits(hidden, self.tok_emb.embedding, self.cfg.compute_dtype)  # (..., V)
         else:
             logits = self.out_head(hidden)  # (..., V)
