@@ -68,7 +68,7 @@ def jax_category(op_name: str) -> str:
         return OPT
     if "cross_entropy" in op_name:
         return CE
-    if "attend" in op_name or "out_head" in op_name:
+    if "attend" in op_name or "out_head" in op_name or "logits_from_hidden" in op_name:
         return HEAD
     if "tok_emb" in op_name or "pos_emb" in op_name:
         return EMB
@@ -200,7 +200,7 @@ def run_flaxgpt(workload: str, scan: bool, calls: int) -> dict[str, Any]:
         if op not in names:
             unknown += ms
         by_cat[jax_category(names.get(op, ""))] += ms / calls / per_call
-    top = sorted(totals.items(), key=lambda kv: -kv[1])[:40]
+    top = sorted(totals.items(), key=lambda kv: -kv[1])[:400]
     return {
         "ms": dict(by_cat),
         "wall_ms": wall_s * 1e3 / per_call,

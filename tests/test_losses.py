@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -65,3 +66,29 @@ def test_perplexity_book_value():
     # Book section 5.1.2: a loss of 10.7940 is a perplexity of about 48,725.
     assert float(perplexity(10.7940)) == pytest.approx(48725.8, rel=1e-4)
     assert float(perplexity(jnp.float32(0.0))) == 1.0
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 64], ids=["rows", "even", "ragged", "one-block"])
+def test_chunked_cross_entropy_matches_the_full_loss_and_its_gradients(chunk):
+    from flaxgpt.training.losses import chunked_cross_entropy_loss
+
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.standard_normal((2, 6, 8)), jnp.float32)  # (B, T, C)
+    table = jnp.asarray(rng.standard_normal((11, 8)), jnp.float32)  # (V, C)
+    targets = jnp.asarray(rng.integers(0, 11, (2, 6)), jnp.int32).at[1, 2:4].set(-100)
+
+    def full(h, w):
+        return cross_entropy_loss(h @ w.T, targets)
+
+    def chunked(h, w):
+        return chunked_cross_entropy_loss(h, lambda x: x @ w.T, targets, chunk)
+
+    np.testing.assert_allclose(chunked(hidden, table), full(hidden, table), rtol=1e-6)
+    g_full = jax.grad(full, argnums=(0, 1))(hidden, table)
+    g_chunk = jax.jit(jax.grad(chunked, argnums=(0, 1)))(hidden, table)
+    for a, b in zip(g_chunk, g_full):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    every = jnp.full_like(targets, -100)
+    assert float(chunked_cross_entropy_loss(hidden, lambda x: x @ table.T, every, chunk)) == 0.0
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunked_cross_entropy_loss(hidden, lambda x: x @ table.T, targets, 0)

@@ -154,3 +154,32 @@ def test_batch_args_and_mean_metrics():
     assert np.isnan(mean_metrics([])["loss"])
     with pytest.raises(NotImplementedError, match="Task must define loss"):
         Task().loss(None, None, None, None, True)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_chunked_loss_task_trains_like_the_plain_one(tiny_config, tied):
+    """PretrainTask(loss_chunk=...) takes the loss through the head in blocks: the same losses and the same
+    updated weights as the plain task, step after step (dropout on: the same masks)."""
+    from flaxgpt.training.tasks import PretrainTask
+
+    cfg = tiny_config(vocab_size=64, context_length=8, n_heads=2, tie_embeddings=tied, drop_rate=0.1)
+
+    def make():
+        return create_train_state(GPTModel(cfg), init_params(cfg, jax.random.key(0)), make_optimizer(3e-3))
+
+    rng = np.random.default_rng(6)
+    ids = rng.integers(0, 64, (3, 9)).astype(np.int32)
+    targets = ids[:, 1:].copy()
+    targets[0, :3] = -100
+    batch = (jnp.asarray(ids[:, :-1]), jnp.asarray(targets))
+    s_plain, s_chunk = make(), make()
+    plain, chunked = make_train_step(PretrainTask()), make_train_step(PretrainTask(loss_chunk=5))
+    key = jax.random.key(7)
+    for _ in range(3):
+        s_plain, loss_a = plain(s_plain, batch, key)
+        s_chunk, loss_b = chunked(s_chunk, batch, key)
+        assert float(loss_b) == pytest.approx(float(loss_a), rel=1e-5)
+    for a, b in zip(jax.tree.leaves(s_chunk.params), jax.tree.leaves(s_plain.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    metrics = make_eval_step(PretrainTask(loss_chunk=5))(s_chunk, batch)
+    assert float(metrics["loss"]) == pytest.approx(float(make_eval_step(PRETRAIN)(s_chunk, batch)["loss"]), rel=1e-5)

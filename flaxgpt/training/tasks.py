@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from flaxgpt.training.losses import IGNORE_INDEX, cross_entropy_loss
+from flaxgpt.training.losses import IGNORE_INDEX, chunked_cross_entropy_loss, cross_entropy_loss
 from flaxgpt.validation import check_token_ids
 
 __all__ = ["Batch", "Metrics", "Task", "PretrainTask", "PRETRAIN", "batch_args", "mean_metrics"]
@@ -139,9 +139,16 @@ class PretrainTask(Task):
     """Next-token prediction (book chapter 5): batches are ``(inputs, targets)``, both (B, T) int32;
     the loss is the mean cross-entropy over positions whose target is not ``ignore_index``; the only
     metric is "loss"; ``tokens_seen`` counts input tokens.
+
+    Attributes:
+      ignore_index: targets with this value do not count.
+      loss_chunk: None for the plain loss over the (B, T, V) logits; a row count to take the loss
+        through :func:`flaxgpt.training.losses.chunked_cross_entropy_loss`, which never holds the whole
+        logits or their gradient (for long contexts and large batches, where they dominate memory).
     """
 
     ignore_index: int = IGNORE_INDEX
+    loss_chunk: int | None = None
 
     def loss(
         self, params: Any, apply_fn: ApplyFn, batch: Batch, rng: jax.Array | None, deterministic: bool
@@ -149,6 +156,17 @@ class PretrainTask(Task):
         """See :meth:`Task.loss`."""
         inputs, targets = batch  # (B, T), (B, T)
         rngs = None if deterministic else {"dropout": rng}
+        if self.loss_chunk is not None:
+            from flaxgpt.nn.model import GPTModel
+
+            hidden = apply_fn(
+                {"params": params}, inputs, deterministic=deterministic, rngs=rngs, return_hidden=True
+            )  # (B, T, C)
+
+            def head(h: jax.Array) -> jax.Array:
+                return apply_fn({"params": params}, h, method=GPTModel.logits_from_hidden)  # (chunk, V)
+
+            return chunked_cross_entropy_loss(hidden, head, targets, self.loss_chunk, self.ignore_index), {}
         logits = apply_fn({"params": params}, inputs, deterministic=deterministic, rngs=rngs)  # (B, T, V)
         return cross_entropy_loss(logits, targets, self.ignore_index), {}
 
