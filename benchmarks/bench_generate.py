@@ -5,7 +5,9 @@ GPT-2 124M shapes (tied head, qkv bias), random weights, float32, batch 1, a 4-t
 tokens. Each contender runs in its own process: one warm-up call (timed separately: it includes
 compilation), then the median of ``--repeats`` calls. tokens/s = new tokens / median seconds per call
 (prefill included). The bound is the tokens/s a decode step would reach if it only had to stream the
-weights once from DRAM at the measured bandwidth.
+weights once from DRAM at the measured bandwidth. ``flaxgpt-int8`` decodes the same weights quantised with
+:func:`flaxgpt.nn.quant.quantize_int8`, and reports its logit error and greedy-token agreement against
+float32 (:func:`int8_accuracy`).
 
     python benchmarks/bench_generate.py                 # ~3-5 minutes on 2 cores
     python benchmarks/bench_generate.py --skip book     # without the slow no-cache loop
@@ -26,9 +28,10 @@ import common  # noqa: E402
 import numpy as np  # noqa: E402
 
 PROMPT = [15496, 11, 314, 716]  # "Hello, I am" (the book's example), GPT-2 BPE ids
-CONTENDERS = ("flaxgpt", "book", "hf")
+CONTENDERS = ("flaxgpt", "flaxgpt-int8", "book", "hf")
 LABELS = {
     "flaxgpt": "flaxgpt `generate` (KV cache, one compiled while loop)",
+    "flaxgpt-int8": "flaxgpt `generate` on `quantize_int8` weights (int8 weight-only)",
     "book": "book loop `generate_text_simple` (no cache, JAX)",
     "hf": "Hugging Face `GPT2LMHeadModel.generate` (PyTorch, KV cache)",
     "bound": "bandwidth bound (weights streamed once per token)",
@@ -72,8 +75,13 @@ def run_jax(which: str, new_tokens: int, repeats: int) -> dict[str, Any]:
     cfg = _gpt2_config()
     model, params = GPTModel(cfg), init_params(cfg, jax.random.key(0))
     jax.block_until_ready(params)
-    if which == "flaxgpt":
+    extra: dict[str, Any] = {}
+    if which in ("flaxgpt", "flaxgpt-int8"):
         prompt = np.asarray(PROMPT, np.int32)
+        if which == "flaxgpt-int8":
+            from flaxgpt.nn.quant import quantize_int8
+
+            float_params, params = params, quantize_int8(params, cfg)
 
         def call() -> np.ndarray:
             return np.asarray(generate(model, params, prompt, max_new_tokens=new_tokens))
@@ -90,6 +98,8 @@ def run_jax(which: str, new_tokens: int, repeats: int) -> dict[str, Any]:
     first = time.perf_counter() - t0
     jax.monitoring.unregister_event_duration_listener(listener)
     timing = common.time_calls(call, repeats=repeats, warmup=0)
+    if which == "flaxgpt-int8":  # after the timing: its own compiles must not hide the first call's
+        extra = int8_accuracy(model, float_params, params, prompt, new_tokens)
     return {
         "tokens": tokens[len(PROMPT) :].tolist(),
         "first_s": first,
@@ -97,6 +107,32 @@ def run_jax(which: str, new_tokens: int, repeats: int) -> dict[str, Any]:
         "compile_breakdown_s": totals,
         "timing": timing.to_dict(),
         "peak_rss_mb": common.peak_rss_mb(),
+        **extra,
+    }
+
+
+def int8_accuracy(model: Any, params: Any, qparams: Any, prompt: np.ndarray, new_tokens: int) -> dict[str, Any]:
+    """int8 against float32 on the same weights: logit error and top-1 agreement over 512 random positions
+    (teacher-forced: both read the same tokens), and how many greedy tokens agree from the start."""
+    import jax.numpy as jnp
+
+    from flaxgpt.generation.decode import generate
+    from flaxgpt.nn.quant import int8_apply
+
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, model.cfg.vocab_size, (4, 128)), jnp.int32)  # (B, T)
+    f32 = np.asarray(model.apply({"params": params}, ids))  # (B, T, V)
+    q8 = np.asarray(int8_apply(model, qparams, ids))
+    err = np.abs(q8 - f32)
+    want = np.asarray(generate(model, params, prompt, max_new_tokens=new_tokens))[len(prompt):]
+    got = np.asarray(generate(model, qparams, prompt, max_new_tokens=new_tokens))[len(prompt):]
+    differ = np.nonzero(want != got)[0]
+    return {
+        "int8_logit_max_abs_err": float(err.max()),
+        "int8_logit_mean_abs_err": float(err.mean()),
+        "f32_logit_std": float(f32.std()),
+        "int8_top1_agreement": float(np.mean(q8.argmax(-1) == f32.argmax(-1))),
+        "int8_greedy_tokens_equal": int(differ[0]) if differ.size else int(len(want)),
+        "int8_weight_bytes": qparams.nbytes(),
     }
 
 
@@ -155,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5, help="timed calls for flaxgpt and HF")
     parser.add_argument("--book-repeats", type=int, default=3, help="timed calls for the slow book loop")
-    parser.add_argument("--skip", default="", help="comma-separated contenders to skip: book, hf")
+    parser.add_argument("--skip", default="", help="comma-separated contenders to skip: flaxgpt-int8, book, hf")
     parser.add_argument(
         "--torch-threads", default="all,1",
         help="torch thread counts to run HF with ('all' = every usable core); the fastest is compared",
@@ -184,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     nbytes = weight_bytes_per_token()
     bound_tps = bandwidth["gbs"] * 1e9 / nbytes
 
-    runs = [(name, name, []) for name in ("flaxgpt", "book") if name not in skip]
+    runs = [(name, name, []) for name in ("flaxgpt", "flaxgpt-int8", "book") if name not in skip]
     if "hf" not in skip:
         counts = common.parse_thread_counts(args.torch_threads)
         runs += [(f"hf_t{n}", "hf", ["--torch-threads", str(n)]) for n in counts]
@@ -207,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
         best_hf = max(hf_keys, key=lambda k: results[k]["tokens_per_s"])
         ratios["best_hf"] = best_hf
         ratios["flaxgpt_vs_hf"] = flax_tps / results[best_hf]["tokens_per_s"]
+    if "flaxgpt-int8" in results:
+        q8 = results["flaxgpt-int8"]
+        ratios["int8_vs_f32"] = q8["tokens_per_s"] / flax_tps
+        if hf_keys:
+            ratios["int8_vs_hf"] = q8["tokens_per_s"] / results[best_hf]["tokens_per_s"]
     if "book" in results:
         ratios["flaxgpt_vs_book"] = flax_tps / results["book"]["tokens_per_s"]
         ratios["flaxgpt_tokens_equal_book"] = results["flaxgpt"]["tokens"] == results["book"]["tokens"]
@@ -240,6 +281,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     lines = [header, "", table, ""]
     lines.append(f"- flaxgpt vs bandwidth bound: {ratios['flaxgpt_vs_bound']:.0%}")
+    if "int8_vs_f32" in ratios:
+        q8 = results["flaxgpt-int8"]
+        lines.append(
+            f"- int8 weight-only vs float32 decode: {ratios['int8_vs_f32']:.2f}x; logits over 512 random positions: "
+            f"max |error| {q8['int8_logit_max_abs_err']:.3g}, mean {q8['int8_logit_mean_abs_err']:.3g} (float32 "
+            f"logit std {q8['f32_logit_std']:.3g}), top-1 agreement {q8['int8_top1_agreement']:.1%}; the first "
+            f"{q8['int8_greedy_tokens_equal']} of {args.new_tokens} greedy tokens equal float32's"
+        )
     if "flaxgpt_vs_hf" in ratios:
         lines.append(
             f"- flaxgpt vs HF PyTorch (its faster thread setting, {results[ratios['best_hf']]['torch_threads']}): "

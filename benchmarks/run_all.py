@@ -8,7 +8,8 @@ In order, each as its own script (which runs each contender in its own process) 
 3. ``bench_train.py``: train step B2 x T256 with AdamW vs the same step in PyTorch, and its compile time;
 4. ``bench_generate.py``: greedy decode at batch 1 vs Hugging Face ``generate``;
 5. ``bench_layers.py``: unrolled vs ``scan_layers`` x remat none/full/dots, compile and step time;
-6. ``flops.py`` again at the end. The MFU peak is the highest of these probes and the one
+6. ``breakdown.py``: per-op time of the forward, the train step and decoding, flaxgpt beside PyTorch;
+7. ``flops.py`` again at the end. The MFU peak is the highest of these probes and the one
    ``bench_forward.py`` takes, so that MFU is not flattered by a probe taken while neighbours kept the
    machine busy; the load averages at start and end are in the header.
 
@@ -37,10 +38,13 @@ import common  # noqa: E402
 import flops  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("flops", "forward", "train", "generate", "layers")
+BENCHMARKS = ("flops", "forward", "train", "generate", "layers", "breakdown")
 SCRIPTS = {"flops": "flops.py", "forward": "bench_forward.py", "train": "bench_train.py",
-           "generate": "bench_generate.py", "layers": "bench_layers.py"}
-TARGETS = {"forward": 1.5, "train": 1.5, "train_compile_s": 3.0, "decode": 2.0}
+           "generate": "bench_generate.py", "layers": "bench_layers.py", "breakdown": "breakdown.py"}
+# Issue 16's targets: same-run ratios against PyTorch eager (float32, all cores), the decode bandwidth
+# fraction, the train step's compile time, and int8 decode against float32 decode.
+TARGETS = {"forward": 1.2, "train": 1.2, "train_compile_s": 3.0, "decode": 1.5, "decode_bound": 0.85,
+           "int8": 1.6}
 
 
 def _args_for(name: str, quick: bool, out: Path) -> list[str]:
@@ -57,6 +61,8 @@ def _args_for(name: str, quick: bool, out: Path) -> list[str]:
             args += ["--repeats", "2", "--new-tokens", "50", "--skip", "book", "--torch-threads", "all"]
     elif name == "layers":
         args += ["--repeats", "1", "--warmup", "0", "--only", "unrolled-none", "scan-none"] if quick else []
+    elif name == "breakdown":
+        args += ["--scan", "--calls", "1" if quick else "2"]
     return args
 
 
@@ -138,7 +144,7 @@ def summarize(res: dict[str, Any], peak: float | None) -> list[dict[str, Any]]:
         tokens = fwd["setting"]["batch"] * fwd["setting"]["seq"]
         per_token = flops.forward_flops_per_token(cfg, fwd["setting"]["seq"])
         threads = f", HF {ref['torch_threads']} thread(s)" if ref else ""
-        for key, label in (("flaxgpt", ""), ("flaxgpt-scan", ", scan_layers")):
+        for key, label in (("flaxgpt", ""), ("flaxgpt-scan", ", scan_layers (the flaxgpt train default)")):
             if key not in r:
                 continue
             ours, theirs = _tps(r[key], tokens), _tps(ref, tokens)
@@ -155,7 +161,7 @@ def summarize(res: dict[str, Any], peak: float | None) -> list[dict[str, Any]]:
         tokens = s["batch"] * s["seq"]
         per_token = flops.train_flops_per_token(cfg, s["seq"])
         threads = f", HF {ref['torch_threads']} thread(s)" if ref else ""
-        for key, label in (("flaxgpt", ""), ("flaxgpt-scan", ", scan_layers")):
+        for key, label in (("flaxgpt", ""), ("flaxgpt-scan", ", scan_layers (the flaxgpt train default)")):
             if key not in r:
                 continue
             ours, theirs = _tps(r[key], tokens), _tps(ref, tokens)
@@ -181,6 +187,13 @@ def summarize(res: dict[str, Any], peak: float | None) -> list[dict[str, Any]]:
             mfu=(_mfu(total / r["flaxgpt"]["timing"]["median_s"], peak),
                  _mfu(ref and total / ref["timing"]["median_s"], peak)),
         ))
+        bound = gen.get("bound_tokens_per_s")
+        if bound:
+            rows.append(_row("decode B1 vs the memory-bandwidth bound (tokens/s; ratio = fraction)", ours, bound,
+                             TARGETS["decode_bound"]))
+        if "flaxgpt-int8" in r:
+            rows.append(_row("decode B1, int8 weights vs float32 flaxgpt (tokens/s)", r["flaxgpt-int8"]["tokens_per_s"],
+                             ours, TARGETS["int8"], rss=(r["flaxgpt-int8"]["peak_rss_mb"], r["flaxgpt"]["peak_rss_mb"])))
     return rows
 
 
@@ -235,7 +248,8 @@ def aggregate(results_dir: Path, runs: dict[str, Any]) -> tuple[dict[str, Any], 
           "table is against the MFU peak above; the forward table below uses the probe taken just before it.", ""]
     if res["layers"]:
         md += ["## Layer loop and remat (train step)", "", (results_dir / "layers.md").read_text(encoding="utf-8"), ""]
-    for name, title in (("forward", "Forward"), ("train", "Train step"), ("generate", "Decode")):
+    for name, title in (("forward", "Forward"), ("train", "Train step"), ("generate", "Decode"),
+                        ("breakdown", "Where the time goes (per-op breakdown)")):
         md_path = results_dir / f"{name}.md"
         if res[name] and md_path.exists():
             md += [f"## {title}", "", md_path.read_text(encoding="utf-8"), ""]

@@ -61,3 +61,43 @@ def test_gpt2_small_forward_flops(flops):
     assert flops.matmul_params(cfg) == 84_934_656 + 38_597_376
     assert flops.forward_flops_per_token(cfg, 256) == 2 * (84_934_656 + 38_597_376) + 4 * 12 * 256 * 768
     assert flops.mfu(1e6, 100.0, 1e9) == pytest.approx(0.1)
+
+
+def _bench_module(name):
+    spec = importlib.util.spec_from_file_location(f"flaxgpt_bench_{name}", _PATH.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_rows_run_on_a_tiny_config():
+    """The GPU script's train row runs (here on CPU, tiny shapes) and its MFU uses the model FLOPs formula."""
+    gpu = _bench_module("gpu_check")
+    assert gpu.peak_tflops("NVIDIA H100 80GB HBM3", None) == 989.0
+    assert gpu.peak_tflops("NVIDIA H100 PCIe", None) == 756.0  # the longest matching name wins
+    assert gpu.peak_tflops("Some GPU", None) is None and gpu.peak_tflops("Some GPU", 50.0) == 50.0
+    row = gpu.train_row("gpt2-small", 2, 16, "none", 1, 1.0, n_layers=1, emb_dim=32, n_heads=2, vocab_size=64)
+    assert "error" not in row and row["tokens_per_s"] > 0
+    cfg = GPTConfig.preset("gpt2-small", n_layers=1, emb_dim=32, n_heads=2, vocab_size=64, context_length=16)
+    want = 100 * gpu.flops.mfu(gpu.flops.train_flops_per_token(cfg, 16), row["tokens_per_s"], 1e12)
+    assert row["mfu_pct"] == pytest.approx(want)
+
+
+def test_breakdown_names_ops_by_model_path():
+    bd = _bench_module("breakdown")
+    assert bd.jax_category("jit(f)/jvp(GPTModel)/GPTModel._trunk/trf_blocks_3/att/W_query/dot_general") == bd.PROJ
+    assert bd.jax_category("jit(f)/transpose(jvp(GPTModel))/x/trf_blocks/ff/fc1/dot_general") == bd.FFN
+    assert bd.jax_category("jit(f)/GPTModel/trf_blocks_0/att/bhtd,bhsd->bhts/dot_general") == bd.ATT
+    assert bd.jax_category("jit(f)/GPTModel/GPTModel.logits_from_hidden/dot_general") == bd.HEAD
+    assert bd.jax_category("jit(f)/transpose(jvp(cross_entropy))/exp") == bd.CE
+    assert bd.jax_category("jit(f)/optimizer/add") == bd.OPT
+    assert bd.torch_category("aten::mm", [[512, 768], [768, 50257]], "") == bd.HEAD
+    assert bd.torch_category("aten::addmm", [[3072], [512, 768]], "") == bd.FFN
+    assert bd.torch_category("aten::mul", [[2, 3]], "Optimizer.step#AdamW.step") == bd.OPT
+    # instruction names from compiled HLO, with an op that has no metadata named after its user
+    hlo = (
+        '  %dot.1 = f32[2,3]{1,0} dot(%a, %b), lhs_contracting_dims={1}\n'
+        '  ROOT %add.2 = f32[2,3]{1,0} add(%dot.1, %c), metadata={op_name="jit(f)/GPTModel/ff/fc1/add"}\n'
+    )
+    assert bd._hlo_op_names(hlo) == {"add.2": "jit(f)/GPTModel/ff/fc1/add", "dot.1": "jit(f)/GPTModel/ff/fc1/add"}
