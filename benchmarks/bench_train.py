@@ -91,13 +91,7 @@ def run_hf(repeats: int, warmup: int) -> dict[str, Any]:
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     x, y = (torch.from_numpy(a.astype(np.int64)) for a in _batch())
 
-    def step() -> None:  # the book's train_model_simple inner loop
-        opt.zero_grad()
-        logits = model(input_ids=x).logits  # (B, T, V)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
-        loss.backward()
-        opt.step()
-        loss.item()
+    step = common.torch_train_step(model, opt, x, y)
 
     timing = common.time_calls(step, repeats=repeats, warmup=warmup + 1)
     return common.torch_result(model, timing)

@@ -93,7 +93,8 @@ def _hlo_op_names(hlo_text: str) -> dict[str, str]:
     """``{instruction name: op_name metadata}`` for every instruction of a compiled HLO module.
 
     Instructions that XLA's passes created without metadata (e.g. the ``dot`` of a rewritten
-    matrix-vector product) take the op_name of their first user that has one, else of an operand.
+    matrix-vector product) take the op_name of a neighbour (a user, else an operand) inside a Dense layer
+    when there is one (its bias add), else of the first neighbour that has one.
     """
     names: dict[str, str] = {}
     operands: dict[str, list[str]] = {}
@@ -107,11 +108,13 @@ def _hlo_op_names(hlo_text: str) -> dict[str, str]:
         operands[name] = args
         for a in args:
             users[a].append(name)
+    dense = re.compile(r"/(W_query|W_key|W_value|out_proj|fc1|fc2|out_head)/|attend|logits_from_hidden")
     for name in operands:
         if name not in names:
-            near = [u for u in users.get(name, []) if u in names] or [o for o in operands[name] if o in names]
+            near = [names[n] for n in users.get(name, []) + operands[name] if n in names]
+            in_dense = [n for n in near if dense.search(n)]  # a rewritten matmul: name it after its layer
             if near:
-                names[name] = names[near[0]]
+                names[name] = (in_dense or near)[0]
     return names
 
 
@@ -286,15 +289,7 @@ def run_hf(workload: str, calls: int) -> dict[str, Any]:
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
         ids = torch.from_numpy(rng.integers(0, 50257, (TRAIN_B, TRAIN_T + 1)))
-        x, y = ids[:, :-1], ids[:, 1:]
-
-        def fn() -> None:
-            opt.zero_grad()
-            logits = model(input_ids=x).logits  # (B, T, V)
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
-            loss.backward()
-            opt.step()
-            loss.item()
+        fn = common.torch_train_step(model, opt, ids[:, :-1], ids[:, 1:])
 
     else:
         model.eval()

@@ -243,3 +243,29 @@ def torch_result(model: Any, timing: Timing, **extra: Any) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         **extra,
     }
+
+
+def torch_train_step(model: Any, opt: Any, x: Any, y: Any) -> Callable[[], None]:
+    """The book's ``train_model_simple`` inner loop for a Hugging Face GPT-2 in PyTorch: zero_grad, forward,
+    cross-entropy over every position, backward, optimizer step, and ``loss.item()`` (which waits for it).
+
+    Args:
+      model: a ``GPT2LMHeadModel`` in training mode.
+      opt: its optimizer.
+      x: (B, T) int64 input ids.
+      y: (B, T) int64 target ids.
+
+    Returns:
+      A function running one step.
+    """
+    import torch
+
+    def step() -> None:
+        opt.zero_grad()
+        logits = model(input_ids=x).logits  # (B, T, V)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+        loss.backward()
+        opt.step()
+        loss.item()
+
+    return step

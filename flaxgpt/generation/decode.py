@@ -130,7 +130,9 @@ def _generate_compiled(
         # and token (copies that made decoding 1.9x slower on CPU); the parameters are split once here.
         model = model.clone(cfg=model.cfg.replace(scan_layers=False))
         if not isinstance(params, Int8Params):  # quantize_int8 already gives the unrolled layout
-            params = unstack_layers(params)
+            # The barrier makes the per-layer copies once, here: XLA would otherwise sink the slices into
+            # the decode loop and copy every layer's weights again at each token.
+            params = jax.lax.optimization_barrier(unstack_layers(params))
     cache = init_cache(model.cfg, b, tb + slots, offset)  # k, v: per-layer keys (B, H, D, S) and values (B, H, S, D); see init_cache
     logits, cache = prefill(model, params, idx, cache)  # (B, V)
 
