@@ -127,12 +127,10 @@ def _generate_compiled(
     b, tb = idx.shape
     if model.cfg.scan_layers:
         # Decode unrolled: a scanned model's stacked (L, ...) cache is sliced and written back per layer
-        # and token (copies that made decoding 1.9x slower on CPU); the parameters are split once here.
+        # and token (copies that made decoding 1.9x slower on CPU); the parameters are split here instead.
         model = model.clone(cfg=model.cfg.replace(scan_layers=False))
         if not isinstance(params, Int8Params):  # quantize_int8 already gives the unrolled layout
-            # The barrier makes the per-layer copies once, here: XLA would otherwise sink the slices into
-            # the decode loop and copy every layer's weights again at each token.
-            params = jax.lax.optimization_barrier(unstack_layers(params))
+            params = unstack_layers(params)
     cache = init_cache(model.cfg, b, tb + slots, offset)  # k, v: per-layer keys (B, H, D, S) and values (B, H, S, D); see init_cache
     logits, cache = prefill(model, params, idx, cache)  # (B, V)
 
