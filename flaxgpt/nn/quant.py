@@ -21,7 +21,6 @@ so only batch-1 decoding gets faster.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -33,6 +32,7 @@ from flaxgpt.config import GPTConfig
 from flaxgpt.nn.matmul import int8_matmul
 from flaxgpt.nn.model import INT8, INT8_HEAD, GPTModel, Params
 from flaxgpt.nn.params import unstack_layers
+from flaxgpt.pytree import flat_dict, unflatten_dict
 
 __all__ = ["COLLECTION", "Int8Params", "quantize_int8", "int8_apply", "quantize_matrix"]
 
@@ -88,26 +88,16 @@ def quantize_int8(params: Params, cfg: GPTConfig) -> Int8Params:
         params = unstack_layers(params)
     floats: dict[str, Any] = {}
     int8: dict[str, Any] = {}
-
-    def walk(node: Mapping[str, Any], f_out: dict[str, Any], q_out: dict[str, Any]) -> None:
-        for k, v in node.items():
-            if isinstance(v, Mapping) and "kernel" in v and getattr(v["kernel"], "ndim", 0) == 2:
-                q_out[k] = quantize_matrix(v["kernel"])
-                rest = {kk: vv for kk, vv in v.items() if kk != "kernel"}
-                if rest:
-                    f_out[k] = rest
-            elif isinstance(v, Mapping):
-                f_out[k], q_out[k] = {}, {}
-                walk(v, f_out[k], q_out[k])
-                if not q_out[k]:
-                    del q_out[k]
-            else:
-                f_out[k] = v
-
-    walk(params, floats, int8)
-    if cfg.tie_embeddings:
-        int8[INT8_HEAD] = quantize_matrix(jnp.asarray(params["tok_emb"]["embedding"]).T)  # q (V, C), scale (V,)
-    return Int8Params(params=floats, int8=int8)
+    for name, leaf in flat_dict(params).items():  # "trf_blocks_0/ff/fc1/kernel" -> leaf
+        layer, _, field = name.rpartition("/")
+        if field == "kernel" and leaf.ndim == 2:  # a Dense layer's (in, out) kernel
+            int8.update({f"{layer}/{k}": v for k, v in quantize_matrix(leaf).items()})
+        else:
+            floats[name] = leaf
+    if cfg.tie_embeddings:  # q (V, C), scale (V,)
+        table = jnp.asarray(params["tok_emb"]["embedding"]).T
+        int8.update({f"{INT8_HEAD}/{k}": v for k, v in quantize_matrix(table).items()})
+    return Int8Params(params=unflatten_dict(floats), int8=unflatten_dict(int8))
 
 
 def _intercept(next_fun: Any, args: tuple[Any, ...], kwargs: dict[str, Any], context: Any) -> Any:
