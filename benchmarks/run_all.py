@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS = ("flops", "forward", "train", "generate", "layers", "breakdown")
 SCRIPTS = {"flops": "flops.py", "forward": "bench_forward.py", "train": "bench_train.py",
            "generate": "bench_generate.py", "layers": "bench_layers.py", "breakdown": "breakdown.py"}
-# Issue 16's targets: same-run ratios against PyTorch eager (float32, all cores), the decode bandwidth
+# The targets: same-run ratios against PyTorch eager (float32, all cores), the decode bandwidth
 # fraction, the train step's compile time, and int8 decode against float32 decode.
 TARGETS = {"forward": 1.2, "train": 1.2, "train_compile_s": 3.0, "decode": 1.5, "decode_bound": 0.85,
            "int8": 1.6}
