@@ -63,7 +63,12 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class _StopFlag:
+    """``signum``: the signal this process got, set by the handler at any moment. ``agreed``: the signal taken
+    at the step's one decision point (on several processes: if any of them got one), which alone decides
+    whether training stops, so that every process stops after the same step and saves together."""
+
     signum: int | None = None
+    agreed: int | None = None
 
 
 @contextlib.contextmanager
@@ -175,14 +180,14 @@ class _Loop:
         self.run.log_sample(record)
         self.emit("sample", record)
 
-    def train_batch(self, batch: Any, b: int, stop: _StopFlag | None = None) -> bool:
+    def train_batch(self, batch: Any, b: int) -> bool:
         """One micro-batch at index ``b`` of the epoch; True at an optimizer-update boundary."""
         self.state, loss_arr = self.step(self.state, self.place(batch), self.key)
         loss = float(loss_arr)
         if not math.isfinite(loss):
             raise NonFiniteLossError(self.non_finite_message(loss, b))
         self.micro += 1
-        self.tokens_seen += self._agree(self.task.count(batch), stop)
+        self.tokens_seen += self._global_count(self.task.count(batch))
         boundary = self.micro % self.opts.accumulate_steps == 0
         if boundary:
             self.updates += 1
@@ -190,18 +195,25 @@ class _Loop:
         self.emit("step", dict(info, tokens_seen=self.tokens_seen, time_s=time.perf_counter() - self.t0))
         return boundary
 
-    def _agree(self, count: int, stop: _StopFlag | None) -> int:
-        """On several processes: the batch's count summed over them (each holds its share), and a signal any
-        of them got, taken by all, so that every process stops at the same step and saves together."""
+    def _global_count(self, count: int) -> int:
+        """The batch's count summed over the processes (each holds its share)."""
         if self.processes == 1:
             return count
         from jax.experimental import multihost_utils
 
-        signum = (stop.signum if stop is not None else None) or 0
-        both = np.asarray(multihost_utils.process_allgather(np.array([count, signum], np.int64)))  # (P, 2)
-        if stop is not None and int(both[:, 1].max()):
-            stop.signum = int(both[:, 1].max())
-        return int(both[:, 0].sum())
+        return int(np.asarray(multihost_utils.process_allgather(np.array([count], np.int64))).sum())
+
+    def _signalled(self, stop: _StopFlag) -> bool:
+        """The step's decision point: True when this process, or on several processes any of them, got a
+        signal so far. A signal that comes later is taken at the next step's decision point on every process
+        alike (reading ``stop.signum`` anywhere else could let one process stop a step before the others)."""
+        signum = stop.signum or 0
+        if self.processes > 1:
+            from jax.experimental import multihost_utils
+
+            signum = int(np.asarray(multihost_utils.process_allgather(np.array([signum], np.int64))).max())
+        stop.agreed = signum or None
+        return stop.agreed is not None
 
     def non_finite_message(self, loss: float, b: int) -> str:
         ckpts = self.run.checkpoints()
@@ -214,21 +226,21 @@ class _Loop:
         """Trains the current epoch from ``first_batch`` until its end, ``max_steps`` or a signal."""
         max_steps, b = self.opts.max_steps, self.first_batch
         for batch in self.train.batches(self.epoch, self.first_batch):
-            boundary = self.train_batch(batch, b, stop)
+            boundary = self.train_batch(batch, b)
             b += 1
             if boundary and (self.updates - 1) % self.opts.eval_freq == 0:
                 self.evaluate(self.epoch, b)
             if boundary and self.run.due(self.updates):
                 self.save(self.position(self.epoch, b))
-            if stop.signum is not None:
-                self.stopped = signal.Signals(stop.signum).name
+            if self._signalled(stop):
+                self.stopped = signal.Signals(stop.agreed).name
                 self.save(self.position(self.epoch, b))
                 break
             if boundary and max_steps is not None and self.updates >= max_steps:
                 self.stopped = "max_steps"
                 break
         if b >= self.n_batches:  # the epoch is complete
-            if stop.signum is None:
+            if stop.agreed is None:
                 self.sample(self.epoch)
             self.epoch, self.first_batch = self.epoch + 1, 0
         else:
