@@ -15,7 +15,8 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 # Subcommand modules, in the order ``--help`` lists them.
 _COMMANDS = ("info", "train", "generate", "convert", "finetune", "classify", "respond", "score", "chat")
@@ -23,6 +24,33 @@ _COMMANDS = ("info", "train", "generate", "convert", "finetune", "classify", "re
 
 class CLIError(Exception):
     """An error caused by the user's input; printed as one line, exit status 2."""
+
+
+@contextlib.contextmanager
+def write_errors(out: Path) -> Iterator[None]:
+    """Turns a failed write into the run folder (read-only, full disk) into one line (exit status 2);
+    the writers have removed what they had started, and a run folder created here and left empty goes.
+
+    Args:
+      out: the run folder the block writes into.
+
+    Raises:
+      CLIError: the write failed (the reason in one line).
+    """
+    from safetensors import SafetensorError
+
+    from flaxgpt.training.run_dir import RunDirError
+
+    created = not out.exists()
+    try:
+        yield
+    except RunDirError as e:
+        raise CLIError(str(e)) from e
+    except (OSError, SafetensorError) as e:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        reason = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
+        raise CLIError(f"cannot write the run folder {out}: {reason}") from e
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,18 +8,13 @@ checkpoint is saved first; ``--resume`` continues), 1 when the loss becomes NaN/
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
-import hashlib
-import logging
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from flaxgpt.cli import CLIError, plain
+from flaxgpt.cli import CLIError, plain, train_data, write_errors
 
 __all__ = ["add_parser", "run"]
 
@@ -166,60 +161,6 @@ def _model_config(args: argparse.Namespace, settings: dict[str, Any], saved: dic
     return GPTConfig(**{**DEFAULT_MODEL, **overrides})
 
 
-LEARNED_VOCAB = 4096  # tokens of the BPE that `--tokenizer learned` (or auto, offline) learns from the corpus
-
-
-def _tokenizer(name: str, train_text: str | None = None, out: Path | None = None) -> tuple[Any, str]:
-    """The training tokenizer and its name. "auto" takes GPT-2's BPE when it can be loaded (local files or
-    tiktoken's cache/download), else learns a BPE from ``train_text``, so that the default run works offline
-    and still trains on words; a learned one is saved as ``out/tokenizer.json`` (and in the cache)."""
-    from flaxgpt.text.tokenizers import ByteTokenizer, get_tokenizer
-
-    log = logging.getLogger(__name__)
-    if name == "bytes":
-        return ByteTokenizer(), name
-    if name in ("gpt2", "auto"):
-        try:
-            return get_tokenizer("gpt2"), "gpt2"
-        except RuntimeError as e:
-            if name == "gpt2":
-                raise CLIError("GPT-2's BPE files are not available (set FLAXGPT_GPT2_BPE_DIR to a folder with "
-                               "encoder.json and vocab.bpe, or go online; or use --tokenizer learned)") from e
-            log.info("tokenizer: GPT-2's BPE files are not available offline (set FLAXGPT_GPT2_BPE_DIR or go "
-                     "online for them); learning a %d-token BPE from the training text instead", LEARNED_VOCAB)
-    if name.startswith("bpe-"):  # a resumed run's learned tokenizer
-        try:
-            return get_tokenizer(name, near=out), name
-        except ValueError as e:
-            raise CLIError(str(e)) from e
-    return _learn(train_text or "", out)
-
-
-def _tokenizer_words(name: str) -> str:
-    """A tokenizer's name as the summary lines show it."""
-    if name.startswith("bpe-"):
-        return f"{name} (BPE learned from the corpus)"
-    return {"gpt2": "gpt2 (GPT-2's BPE)", "bytes": "bytes (UTF-8 bytes)"}.get(name, name)
-
-
-def _learn(train_text: str, out: Path | None) -> tuple[Any, str]:
-    """Learns the run's BPE from its training text; saves it in the run folder and the cache."""
-    from flaxgpt.text.corpora import cache_dir
-    from flaxgpt.text.learned_bpe import TOKENIZER_FILE, learned_name, learned_tokenizer, save_learned, train_bpe
-
-    t0 = time.perf_counter()
-    tokens = train_bpe(train_text, LEARNED_VOCAB)
-    name = learned_name(tokens)
-    with _write_errors(out or Path(".")):
-        if out is not None:
-            save_learned(out / TOKENIZER_FILE, tokens)
-    with contextlib.suppress(OSError):  # the cache is a convenience: a read-only home is fine
-        save_learned(cache_dir() / "tokenizers" / f"{name}.json", tokens)
-    logging.getLogger(__name__).info("tokenizer: %s, a %d-token BPE learned from the training text in %.1fs",
-                                     name, len(tokens) + 1, time.perf_counter() - t0)
-    return learned_tokenizer(tokens, name), name
-
-
 def _check_settings(s: dict[str, Any]) -> None:
     low = dict.fromkeys(("epochs", "batch_size", "eval_freq", "eval_iter", "accumulate_steps", "keep_checkpoints",
                          "stride"), 1)
@@ -250,65 +191,6 @@ def _final_sample(state: Any, tok: Any, prompt: str, seed: int) -> str:
 
 
 # --------------------------------------------------------------------------- run
-
-
-@dataclasses.dataclass
-class _Data:
-    """The tokenized text, its loaders and its hash."""
-
-    train_loader: Any
-    val_loader: Any
-    train_tokens: int
-    val_tokens: int
-    text_sha: str
-
-
-def _read_text(s: dict[str, Any], saved_sha: str | None) -> tuple[str, str]:
-    """The run's text and its SHA-256, with one-line errors (a missing file, a changed text on resume)."""
-    from flaxgpt.text.corpora import load_text
-
-    try:
-        text = load_text(s["text"])
-    except ConnectionError as e:
-        raise CLIError(str(e).splitlines()[0]) from e
-    text_sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    if saved_sha not in (None, text_sha):
-        raise CLIError(f"the text {s['text']!r} differs from the one the checkpoint was trained on")
-    return text, text_sha
-
-
-def _load_data(s: dict[str, Any], cfg: Any, tok: Any, text: str, text_sha: str) -> _Data:
-    """Splits and tokenizes the text into the training and validation loaders, with one-line errors."""
-    from flaxgpt.data.windows import DataLoader, train_val_split
-    from flaxgpt.text.tokenizers import text_to_token_ids
-
-    stride = s["stride"] or cfg.context_length
-    if cfg.vocab_size < tok.n_vocab:
-        raise CLIError(f"vocab_size {cfg.vocab_size} is smaller than the tokenizer's {tok.n_vocab} tokens")
-    train_text, val_text = train_val_split(text, 1.0 - s["val_ratio"])
-    train_ids = text_to_token_ids(train_text, tok)[0]  # (N,)
-    val_ids = text_to_token_ids(val_text, tok)[0]  # (M,)
-    need = cfg.context_length + 1
-    for name, ids in (("training", train_ids), ("validation", val_ids)):
-        if ids.size < need:
-            raise CLIError(
-                f"the {name} split has {ids.size} tokens; one window needs context length + 1 = {need} "
-                "(use more text, a shorter --context-length or another --val-ratio)"
-            )
-    windows = len(range(0, train_ids.size - cfg.context_length, stride))
-    if windows < s["batch_size"]:
-        raise CLIError(
-            f"the training split gives {windows} windows of {cfg.context_length} tokens, fewer than "
-            f"--batch-size {s['batch_size']} (use more text, or a smaller --batch-size, --stride or "
-            "--context-length)"
-        )
-    train_loader = DataLoader.from_token_ids(
-        train_ids, s["batch_size"], cfg.context_length, stride, shuffle=True, drop_last=True, seed=s["seed"]
-    )
-    val_loader = DataLoader.from_token_ids(
-        val_ids, s["batch_size"], cfg.context_length, stride, shuffle=False, drop_last=False
-    )
-    return _Data(train_loader, val_loader, train_ids.size, val_ids.size, text_sha)
 
 
 def _optimizer(s: dict[str, Any], n_batches: int) -> tuple[Any, int, int | None]:
@@ -357,26 +239,6 @@ def _restore(state: Any, ckpt: Path) -> tuple[Any, Any, Any]:
     return state, meta["key"], Position(meta["epoch"], meta["batch_index"], meta["tokens_seen"])
 
 
-@contextlib.contextmanager
-def _write_errors(out: Path) -> Iterator[None]:
-    """Turns a failed write into the run folder (read-only, full disk) into one line (exit status 2);
-    the writers have removed what they had started, and a run folder created here and left empty goes."""
-    from safetensors import SafetensorError
-
-    from flaxgpt.training.run_dir import RunDirError
-
-    created = not out.exists()
-    try:
-        yield
-    except RunDirError as e:
-        raise CLIError(str(e)) from e
-    except (OSError, SafetensorError) as e:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        reason = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
-        raise CLIError(f"cannot write the run folder {out}: {reason}") from e
-
-
 def _report(result: Any, run: Any, wall: float, tok: Any, s: dict[str, Any]) -> int:
     """Prints the outcome (and the final sample) and returns the exit status."""
     from flaxgpt.training.metrics import read_metrics
@@ -384,7 +246,7 @@ def _report(result: Any, run: Any, wall: float, tok: Any, s: dict[str, Any]) -> 
     last, ckpts, out = (read_metrics(run.metrics_path) or [None])[-1], run.checkpoints(), run.path
     losses = f"train loss {last['train_loss']:.3f}, val loss {last['val_loss']:.3f}" if last else "no evaluation"
     print(f"step {result.updates} ({result.stopped}) in {wall:.1f}s: {losses}; "
-          f"checkpoint {ckpts[-1] if ckpts else None}; tokenizer {_tokenizer_words(s['tokenizer'])}")
+          f"checkpoint {ckpts[-1] if ckpts else None}; tokenizer {train_data.tokenizer_words(s['tokenizer'])}")
     if result.stopped in ("SIGINT", "SIGTERM"):
         print(f"interrupted by {result.stopped}; continue with: flaxgpt train --out {out} --resume")
         return 128 + int(getattr(signal, result.stopped))
@@ -395,7 +257,7 @@ def _report(result: Any, run: Any, wall: float, tok: Any, s: dict[str, Any]) -> 
     return 0
 
 
-def _setup(args: argparse.Namespace) -> tuple[dict[str, Any], Path, Path | None, Any, Any, _Data]:
+def _setup(args: argparse.Namespace) -> tuple[dict[str, Any], Path, Path | None, Any, Any, train_data.TrainData]:
     """Settings, run folder, checkpoint to resume, model config, tokenizer and data; all checked."""
     s, out, ckpt, saved_model, saved_sha = _resolve(args)
     _check_settings(s)
@@ -409,14 +271,15 @@ def _setup(args: argparse.Namespace) -> tuple[dict[str, Any], Path, Path | None,
 
     if ckpt is None and has_checkpoints(out):
         raise CLIError(f"{out} already holds checkpoints: pass --resume to continue it, or another --out")
-    text, text_sha = _read_text(s, saved_sha)  # a missing text fails before any tokenizer work
+    text, text_sha = train_data.read_text(s, saved_sha)  # a missing text fails before any tokenizer work
     from flaxgpt.data.windows import train_val_split
 
-    tok, s["tokenizer"] = _tokenizer(s["tokenizer"], train_val_split(text, 1.0 - s["val_ratio"])[0], out)
+    train_text = train_val_split(text, 1.0 - s["val_ratio"])[0]
+    tok, s["tokenizer"] = train_data.training_tokenizer(s["tokenizer"], train_text, out)
     cfg = _model_config(args, s, saved_model)
     if saved_model is None and s["tokenizer"] != "gpt2":
         cfg = cfg.replace(vocab_size=tok.n_vocab)  # no 50,257-way head for a 257- or 4,097-token vocabulary
-    data = _load_data(s, cfg, tok, text, text_sha)
+    data = train_data.load_data(s, cfg, tok, text, text_sha)
     return s, out, ckpt, cfg, tok, data
 
 
@@ -458,14 +321,15 @@ def _run(args: argparse.Namespace, multi: bool) -> int:
         state, key, start = _restore(state, ckpt)
     train_args = {k: s[k] for k in DEFAULTS}
     config = {"model": cfg.to_dict(), "train": train_args, "tokenizer": s["tokenizer"], "text_sha256": data.text_sha}
-    with _write_errors(out):
+    with write_errors(out):
         out.mkdir(parents=True, exist_ok=True)
         if jax.process_index() == 0:
             write_json(out / CONFIG_FILE, config)
     procs = f"; {jax.process_count()} processes, mesh {args.mesh}" if multi else ""
     print(
         f"model: {count_params(state.params) / 1e6:.1f}M params (emb {cfg.emb_dim}, {cfg.n_layers} layers, "
-        f"{cfg.n_heads} heads, context {cfg.context_length}); tokenizer {_tokenizer_words(s['tokenizer'])}; "
+        f"{cfg.n_heads} heads, context {cfg.context_length}); "
+        f"tokenizer {train_data.tokenizer_words(s['tokenizer'])}; "
         f"text {s['text']}: {data.train_tokens:,} train / "
         f"{data.val_tokens:,} val tokens, {len(data.train_loader)} batches of {s['batch_size']} per epoch; "
         f"out {out}{procs}"
@@ -474,7 +338,7 @@ def _run(args: argparse.Namespace, multi: bool) -> int:
     t0 = time.perf_counter()
     try:
         with ProgressBar(total, done, s["accumulate_steps"], start.tokens_seen if start else 0) as bar, \
-                step_watchdog(args, multi) as beat, _write_errors(out):
+                step_watchdog(args, multi) as beat, write_errors(out):
             result = fit(
                 state, data.train_loader, data.val_loader, key=key, num_epochs=s["epochs"],
                 eval_freq=s["eval_freq"], eval_iter=s["eval_iter"], max_steps=max_steps, tokenizer=tok,
@@ -487,6 +351,6 @@ def _run(args: argparse.Namespace, multi: bool) -> int:
     except NonFiniteLossError as e:
         print(f"flaxgpt train: error: {e}", file=sys.stderr)
         return 1
-    with _write_errors(out):
+    with write_errors(out):
         RunDir(out, checkpoint_format=fmt).plot()
     return _report(result, RunDir(out, checkpoint_format=fmt), time.perf_counter() - t0, tok, s)
