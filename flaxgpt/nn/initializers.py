@@ -102,7 +102,6 @@ def dense(
     )
 
 
-
 def embedding_init(init: str) -> Initializer:
     """``nn.Embedding``'s N(0, 1) for "torch", N(0, 0.02) for "gpt2"."""
     return chunked(nn.initializers.normal(1.0 if init == "torch" else 0.02))

@@ -30,10 +30,12 @@ def cross_entropy_loss(
       PyTorch would return NaN).
     """
     with jax.named_scope("cross_entropy"):  # a name for profiles (benchmarks/breakdown.py)
-        return _cross_entropy(logits, targets, ignore_index)
+        total, count = _nll_sum(logits, targets, ignore_index)
+        return total / jnp.maximum(count, 1).astype(jnp.float32)
 
 
-def _cross_entropy(logits: jax.Array, targets: jax.Array, ignore_index: int) -> jax.Array:
+def _nll_sum(logits: jax.Array, targets: jax.Array, ignore_index: int) -> tuple[jax.Array, jax.Array]:
+    """(sum of -log softmax(logits)[target] over non-ignored positions, their int32 count)."""
     logits = logits.astype(jnp.float32)  # (..., V)
     mask = targets != ignore_index  # (...)
     safe_targets = jnp.where(mask, targets, 0)  # (...)
@@ -41,9 +43,7 @@ def _cross_entropy(logits: jax.Array, targets: jax.Array, ignore_index: int) -> 
     # rather than from log_softmax keeps the backward pass to one softmax (several times faster on CPU).
     lse = jax.nn.logsumexp(logits, axis=-1)  # (...)
     picked = jnp.take_along_axis(logits, safe_targets[..., None], axis=-1)[..., 0]  # (...)
-    total = jnp.sum(jnp.where(mask, lse - picked, 0.0))
-    count = jnp.sum(mask)
-    return total / jnp.maximum(count, 1).astype(jnp.float32)
+    return jnp.sum(jnp.where(mask, lse - picked, 0.0)), jnp.sum(mask, dtype=jnp.int32)
 
 
 def perplexity(loss: jax.Array | float) -> jax.Array:
@@ -97,12 +97,9 @@ def chunked_cross_entropy_loss(
     @jax.checkpoint
     def block(carry: tuple[jax.Array, jax.Array], xs: tuple[jax.Array, jax.Array]) -> tuple[Any, None]:
         hc, yc = xs  # (chunk, C), (chunk,)
-        logits = logits_fn(hc).astype(jnp.float32)  # (chunk, V)
-        mask = yc != ignore_index
-        lse = jax.nn.logsumexp(logits, axis=-1)  # (chunk,)
-        picked = jnp.take_along_axis(logits, jnp.where(mask, yc, 0)[:, None], axis=-1)[:, 0]  # (chunk,)
+        block_total, block_count = _nll_sum(logits_fn(hc), yc, ignore_index)  # logits (chunk, V)
         total, count = carry
-        return (total + jnp.sum(jnp.where(mask, lse - picked, 0.0)), count + jnp.sum(mask)), None
+        return (total + block_total, count + block_count), None
 
     with jax.named_scope("cross_entropy"):
         (total, count), _ = jax.lax.scan(block, (jnp.float32(0), jnp.int32(0)), (h, y))
